@@ -1,0 +1,35 @@
+# Everything runs inside .venv; `make setup` creates it (torch pinned to the 2.13.0 CPU wheel).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/gemma-export
+MODEL ?= gemma-3-270m
+PROMPT ?= The capital of France is
+MAX_NEW_TOKENS ?= 64
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast generate all clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[weights,export,test]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not real" $(PYTEST_ARGS)
+
+generate: setup
+	$(CLI) generate --model "$(MODEL)" --prompt "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS)
+
+# The main job. Until the exporters land it generates with the reference model.
+all: generate
+
+clean:
+	rm -rf artifacts/*/ .pytest_cache

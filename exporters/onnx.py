@@ -1,0 +1,320 @@
+"""ONNX export of the explicit-cache decoder at four precisions, and `OnnxDecoder`, a plain onnxruntime loop.
+
+One graph serves prefill (past = 0) and decode (seq = 1), with the Optimum / transformers.js I/O names from
+`exporters.signature.decoder_io`. File names follow transformers.js: `model.onnx`, `model_fp16.onnx`,
+`model_int8.onnx`, `model_q4.onnx`, each with its weights in one `<name>_data` external-data file.
+
+- fp32: the LM head reads the embedding's initializer (the 671 MB matrix is stored once).
+- fp16: every linear layer, the embedding and the LM head hold fp16 weights and compute in fp16, but take and
+  return float32: Gemma's residual stream reaches ~1e5 on the real 270M weights (fp16 tops out at 65 504) and
+  RMSNorm squares it, so the residual stream, norms, attention and the KV cache stay float32.
+- int8 / int4: weight-only ORT `MatMulNBits` (block 32, asymmetric) for every linear layer and the LM head;
+  the LM head gets its own transposed initializer so that it is a `MatMul` the quantizer can see. At 4 bits
+  the embedding becomes `GatherBlockQuantized` too (ORT quantizes Gather at 4 bits only).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import onnxscript.optimizer
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+from model.config import Gemma3Config
+from model.errors import UserError
+from model.gemma3 import Gemma3Model
+from model.kv_cache import ConcatKVCache
+from exporters.signature import ExportedVariant, decoder_io, past_names
+
+MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx", "int4": "model_q4.onnx"}
+QUANTIZED_BITS = {"int8": 8, "int4": 4}
+QUANTIZATION_BLOCK_SIZE = 32
+OPSET = 18
+# torch.export specializes dimensions of size 0 and 1, so the sample inputs use ≥ 2 on every dynamic axis;
+# `check_edge_shapes` then runs the saved graph with past = 0 and seq = 1.
+SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST = 2, 3, 4
+
+Progress = Callable[[str], None] | None
+
+
+def export(model: Gemma3Model, out_dir: Path, precision: str = "fp32", progress: Progress = None) -> ExportedVariant:
+    """Write `MODEL_FILES[precision]` and its external data into `out_dir`; return what was written."""
+    check_precision(precision)
+    if model.embed_tokens.weight.dtype != torch.float32:
+        raise UserError(f"ONNX export needs the float32 model, got {model.embed_tokens.weight.dtype}",
+                        "load the model with dtype float32; precision variants are made by the exporter")
+    report = progress or (lambda step: None)
+    config = model.config
+    model_path = Path(out_dir) / MODEL_FILES[precision]
+    data_name = external_data_name(model_path.name)
+
+    report("export")
+    graph = export_graph(decoder_for(model.eval(), precision), config)
+    report("optimize")
+    onnxscript.optimizer.optimize(graph)
+    if precision in QUANTIZED_BITS:
+        report("quantize")
+        graph = quantize(graph, QUANTIZED_BITS[precision])
+    report("save")
+    ir.save(graph, model_path, external_data=data_name)
+    report("check")
+    onnx.checker.check_model(str(model_path))
+    check_edge_shapes(model_path)
+
+    kv_dtype = "float32"
+    return ExportedVariant(precision=precision, files=[model_path.name, data_name], io=decoder_io(config, kv_dtype),
+                           options=variant_options(precision, kv_dtype), opset=graph.opset_imports[""],
+                           logits_dtype="float32")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in MODEL_FILES:
+        raise UserError(f"unknown ONNX precision {precision!r}", f"use one of: {', '.join(MODEL_FILES)}")
+
+
+def external_data_name(model_file: str) -> str:
+    """transformers.js and Optimum look for `<model file>_data` next to the model."""
+    return f"{model_file}_data"
+
+
+def variant_options(precision: str, kv_dtype: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"external_data": True, "kv_dtype": kv_dtype,
+                               "weights_dtype": {"fp32": "float32", "fp16": "float16"}.get(precision, "float32")}
+    if precision in QUANTIZED_BITS:
+        options["quantization"] = {
+            "method": "MatMulNBits", "bits": QUANTIZED_BITS[precision], "block_size": QUANTIZATION_BLOCK_SIZE,
+            "symmetric": False, "lm_head": "MatMulNBits",
+            "embedding": "GatherBlockQuantized" if precision == "int4" else "float32 Gather"}
+    return options
+
+
+# ---- the module that is exported -------------------------------------------------------------------------
+
+class DecoderWithPast(nn.Module):
+    """`model.forward_with_past` with flat tensors in and out (ONNX has no nested inputs) and a chosen LM head."""
+
+    def __init__(self, model: Gemma3Model, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.lm_head = lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *flat_past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        past = list(zip(flat_past[0::2], flat_past[1::2]))
+        cache = ConcatKVCache(past, attention_mask)
+        cache_position = torch.arange(input_ids.shape[1]) + past[0][0].shape[2]
+        hidden = self.model.hidden_states(input_ids, attention_mask, position_ids, cache, cache_position)
+        presents = cache.presents()
+        return (self.lm_head(hidden), *[tensor for key_value in presents for tensor in key_value])
+
+
+class TiedLMHead(nn.Module):
+    """Logits from the embedding matrix itself, so the file stores it once (in its own dtype)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embedding.weight
+        return F.linear(hidden.to(weight.dtype), weight).float()
+
+
+class TransposedLMHead(nn.Module):
+    """`MatMul(hidden, Wᵀ)` with Wᵀ its own [hidden, vocab] initializer: the form MatMulNBits replaces."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(embedding.weight.detach().t().contiguous(), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(hidden, self.weight_t)
+
+
+class Float16Linear(nn.Module):
+    """fp16 weights and matmul, float32 in and out (linear inputs/outputs stay far below fp16's max)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().half(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.half(), self.weight).float()
+
+
+class Float16Embedding(nn.Embedding):
+    """fp16 table, float32 rows out (the residual stream that starts here overflows fp16)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__(embedding.num_embeddings, embedding.embedding_dim, _weight=embedding.weight.detach().half(),
+                         _freeze=True)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids).float()
+
+
+def float16_weights(model: Gemma3Model) -> Gemma3Model:
+    """A copy of `model` whose linear layers and embedding hold fp16 weights (norms stay float32)."""
+    converted = copy.deepcopy(model)
+    linears = [(name, module) for name, module in converted.named_modules() if isinstance(module, nn.Linear)]
+    for name, linear in linears:
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(converted.get_submodule(parent_name), child_name, Float16Linear(linear))
+    converted.embed_tokens = Float16Embedding(converted.embed_tokens)
+    return converted
+
+
+def decoder_for(model: Gemma3Model, precision: str) -> DecoderWithPast:
+    if precision == "fp16":
+        model = float16_weights(model)
+    lm_head = TransposedLMHead(model.embed_tokens) if precision in QUANTIZED_BITS else TiedLMHead(model.embed_tokens)
+    return DecoderWithPast(model, lm_head).eval()
+
+
+# ---- export, quantize, check -----------------------------------------------------------------------------
+
+def sample_inputs(config: Gemma3Config) -> tuple[torch.Tensor, ...]:
+    total = SAMPLE_PAST + SAMPLE_SEQ
+    input_ids = torch.randint(0, config.vocab_size, (SAMPLE_BATCH, SAMPLE_SEQ))
+    attention_mask = torch.ones(SAMPLE_BATCH, total, dtype=torch.long)
+    position_ids = torch.arange(SAMPLE_PAST, total).expand(SAMPLE_BATCH, SAMPLE_SEQ).contiguous()
+    kv_shape = (SAMPLE_BATCH, config.num_kv_heads, SAMPLE_PAST, config.head_dim)
+    past = [torch.zeros(kv_shape) for _ in past_names(config, "past_key_values")]
+    return (input_ids, attention_mask, position_ids, *past)
+
+
+def dynamic_shapes(config: Gemma3Config) -> tuple[Any, ...]:
+    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
+    # The mask spans past + seq; torch.export cannot name a sum of two dims, so it infers that one (AUTO).
+    kv_axes = tuple({0: batch, 2: past} for _ in past_names(config, "past_key_values"))
+    return ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: seq}, kv_axes)
+
+
+def export_graph(decoder: DecoderWithPast, config: Gemma3Config) -> ir.Model:
+    io = decoder_io(config)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            decoder, sample_inputs(config), dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
+            dynamic_shapes=dynamic_shapes(config), input_names=[spec["name"] for spec in io["inputs"]],
+            output_names=[spec["name"] for spec in io["outputs"]])
+    graph = program.model
+    name_mask_axis(graph)
+    return graph
+
+
+def name_mask_axis(graph: ir.Model) -> None:
+    """Give the mask's inferred axis (e.g. `s53`) the name the presents already carry: `past + seq`."""
+    mask = next(value for value in graph.graph.inputs if value.name == "attention_mask")
+    present_axis = next(value for value in graph.graph.outputs if value.name.startswith("present."))
+    mask.shape = ir.Shape([mask.shape[0], present_axis.shape[2]])
+
+
+def quantize(graph: ir.Model, bits: int) -> ir.Model:
+    """Weight-only MatMulNBits for every MatMul with an initializer weight (+ the embedding Gather at 4 bits)."""
+    op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
+    quantizer_class = matmul_nbits_quantizer_class()
+    quantizer = quantizer_class(ir.serde.serialize_model(graph), bits=bits, block_size=QUANTIZATION_BLOCK_SIZE,
+                                is_symmetric=False, op_types_to_quantize=op_types)
+    quantizer.process()
+    return ir.serde.deserialize_model(quantizer.model.model)
+
+
+def matmul_nbits_quantizer_class() -> type:
+    """ORT's quantizer module calls `logging.basicConfig(level=INFO)` on import, which would turn on INFO logs
+    process-wide (thousands of lines per export): import it, then put the root logger back as it was."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    root.setLevel(level)
+    for handler in root.handlers[len(handlers):]:
+        root.removeHandler(handler)
+    return MatMulNBitsQuantizer
+
+
+def check_edge_shapes(model_path: Path) -> None:
+    """The shapes torch.export never saw: a 1-token prefill (past = 0), then a decode step over it."""
+    decoder = OnnxDecoder(model_path)
+    first = decoder.prefill(np.array([[1]]))
+    second = decoder.decode(first.argmax(-1))
+    if not (np.isfinite(first).all() and np.isfinite(second).all()):
+        raise RuntimeError(f"{model_path.name} returns non-finite logits for a 1-token prompt")
+
+
+# ---- running an exported file ----------------------------------------------------------------------------
+
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    # Spinning ORT threads keep burning the cores after run() and slow the PyTorch code that runs next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+class OnnxDecoder:
+    """Greedy prefill/decode over an exported decoder with onnxruntime: feeds `present` back as the past,
+    grows the attention mask and derives position ids from it (HF rule: cumsum(mask) - 1)."""
+
+    def __init__(self, model_path: Path | str, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 intra_op_threads: int = 0) -> None:
+        self.session = ort.InferenceSession(str(model_path), session_options(intra_op_threads),
+                                            providers=list(providers))
+        self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.reset()
+
+    def reset(self) -> None:
+        self.past: list[np.ndarray] | None = None
+        self.attention_mask: np.ndarray | None = None
+
+    def extend(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+        """Run a chunk of tokens after what is cached → float32 logits [batch, seq, vocab]."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        batch, seq = input_ids.shape
+        chunk_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if self.past is None:
+            self.past = [self.empty_past(spec, batch) for spec in self.past_inputs]
+            self.attention_mask = np.zeros((batch, 0), dtype=np.int64)
+        self.attention_mask = np.concatenate([self.attention_mask, chunk_mask], axis=1)
+        position_ids = np.clip(np.cumsum(self.attention_mask, axis=1) - 1, 0, None)[:, -seq:]
+        feeds = {"input_ids": input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids}
+        feeds.update(zip((spec.name for spec in self.past_inputs), self.past))
+        logits, *self.past = self.session.run(self.output_names, feeds)
+        return logits
+
+    def prefill(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+        """Start over with a (left-padded) prompt → logits of its last token [batch, vocab]."""
+        self.reset()
+        return self.extend(input_ids, attention_mask)[:, -1]
+
+    def decode(self, token: Any) -> np.ndarray:
+        """One token per row → logits of the next one [batch, vocab]."""
+        return self.extend(np.asarray(token, dtype=np.int64).reshape(-1, 1))[:, -1]
+
+    def generate(self, input_ids: Any, max_new_tokens: int, attention_mask: Any = None) -> np.ndarray:
+        """Greedy tokens [batch, max_new_tokens] (no stop tokens: callers compare whole runs)."""
+        logits = self.prefill(input_ids, attention_mask)
+        tokens = []
+        for step in range(max_new_tokens):
+            tokens.append(logits.argmax(-1))
+            if step < max_new_tokens - 1:
+                logits = self.decode(tokens[-1])
+        return np.stack(tokens, axis=1)
+
+    @staticmethod
+    def empty_past(spec: ort.NodeArg, batch: int) -> np.ndarray:
+        _, kv_heads, _, head_dim = spec.shape
+        return np.zeros((batch, kv_heads, 0, head_dim), dtype=ORT_DTYPES[spec.type])

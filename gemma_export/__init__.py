@@ -1,0 +1,1 @@
+"""`gemma-export`: the command-line face of model/, exporters/ and validation/."""

@@ -1,0 +1,3 @@
+from gemma_export.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""The `gemma-export` click group. Each command is a thin layer over model/, exporters/, validation/."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import torch
+
+from gemma_export.errors import entry_point
+from model.generate import GenerationResult, Sampling, generate
+from model.loading import DEFAULT_MODEL, DTYPES, load
+from model.tokenizer import GemmaTokenizer
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """Export Gemma 3 to TorchScript, ONNX and Core ML, and prove the exports equal the reference."""
+
+
+def model_options(function):
+    function = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")(function)
+    return click.option("--model", "model_id", default=DEFAULT_MODEL, show_default=True,
+                        help="gemma-3-270m (embedded, offline), random:tiny|270m|1b, a hub id, a .gguf file "
+                             "or a model folder.")(function)
+
+
+@cli.command("generate")
+@model_options
+@click.option("--prompt", required=True, help="Text to continue (or the user message with --chat).")
+@click.option("--max-new-tokens", type=click.IntRange(0, 32_768), default=64, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the decode step.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the Gemma chat template.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option("--seed", type=int, default=None)
+def generate_command(model_id: str, revision: str | None, prompt: str, max_new_tokens: int, device: str,
+                     dtype: str, use_compile: bool, chat: bool, temperature: float, top_k: int | None,
+                     top_p: float | None, seed: int | None) -> None:
+    """Stream a continuation, then print prefill/decode tok/s and the memory bandwidth achieved."""
+    loaded = load(model_id, device=device, dtype=dtype, revision=revision)
+    tokenizer = loaded.tokenizer
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    input_ids = torch.tensor([tokenizer.encode(text)])
+    stream = tokenizer.stream_decoder()
+
+    def print_new_text(token: torch.Tensor) -> None:
+        if int(token[0]) in loaded.model.config.eos_token_ids:
+            return
+        sys.stdout.write(stream.push(int(token[0])))
+        sys.stdout.flush()
+
+    sys.stdout.write(prompt if not chat else "")
+    result = generate(loaded.model, input_ids, max_new_tokens,
+                      sampling=Sampling(temperature, top_k, top_p, seed), compile=use_compile,
+                      on_tokens=print_new_text)
+    sys.stdout.write("\n")
+    click.echo(speed_summary(result, loaded.model.weight_bytes_per_token), err=True)
+
+
+def speed_summary(result: GenerationResult, weight_bytes_per_token: int) -> str:
+    decode = result.decode_tokens_per_second
+    return (f"prompt {result.prompt_tokens} tokens, generated {result.tokens.shape[1]} | "
+            f"prefill {result.prefill_tokens_per_second:.1f} tok/s | decode {decode:.1f} tok/s | "
+            f"bandwidth achieved {decode * weight_bytes_per_token / 1e9:.1f} GB/s")
+
+
+main = entry_point(cli)

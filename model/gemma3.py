@@ -1,0 +1,213 @@
+"""Gemma 3 (text) from scratch, top to bottom: RMSNorm, RoPE, attention, feed-forward, block, model.
+
+Reads like the paper: RMSNorm scales by (1 + weight) in float32; queries and keys get their own RMSNorm before
+RoPE; sliding-window layers use RoPE base 10 000, full layers 1 000 000; the embedding is multiplied by
+sqrt(hidden_size); every block has four norms (before and after attention, before and after the feed-forward);
+the LM head is the embedding matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import Gemma3Config
+from model.kv_cache import ConcatKVCache, KVCache, LayerKVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 whatever the model dtype: Gemma's residual stream is large enough for x² to overflow fp16.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables computed from each token's position (so left-padded rows get their own positions)."""
+
+    def __init__(self, head_dim: int, base: float, scaling: float = 1.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq / scaling, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids[..., None].float() * self.inv_freq  # [batch, seq, head_dim / 2]
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos()[:, None], angles.sin()[:, None]  # [batch, 1, seq, head_dim]
+
+
+def rotary_embeddings(config: Gemma3Config) -> tuple[RotaryEmbedding, RotaryEmbedding]:
+    """(local, global): sliding layers and full layers rotate with different bases."""
+    return (RotaryEmbedding(config.head_dim, config.rope_local_base),
+            RotaryEmbedding(config.head_dim, config.rope_global_base, config.rope_global_scaling))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))
+
+
+def attention_mask_for(query_positions: torch.Tensor, key_positions: torch.Tensor, key_valid: torch.Tensor,
+                       sliding_window: int | None) -> torch.Tensor:
+    """Boolean [batch, 1, q, k]: causal, inside the window (a query sees itself and the previous window − 1
+    tokens), not padding. A query always sees its own key, so a padding row never has an empty softmax."""
+    q = query_positions[:, None]
+    k = key_positions[None, :]
+    allowed = (k >= 0) & (k <= q)
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    allowed = allowed[None] & key_valid[:, None, :]
+    return (allowed | (k == q)[None])[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Gemma3Config, is_sliding: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window if is_sliding else None
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                valid: torch.Tensor, cache: LayerKVCache | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        if cache is None:
+            key_positions, key_valid = positions, valid
+        else:
+            k, v, key_positions, key_valid = cache.update(k, v, positions, valid)
+        mask = attention_mask_for(positions, key_positions, key_valid, self.sliding_window)
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+        v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: Gemma3Config, layer_index: int) -> None:
+        super().__init__()
+        self.is_sliding = config.is_sliding(layer_index)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, self.is_sliding)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pre_feedforward_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.post_feedforward_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+                valid: torch.Tensor, cache: LayerKVCache | None) -> torch.Tensor:
+        x = x + self.post_attention_norm(self.attention(self.input_norm(x), *rope, positions, valid, cache))
+        return x + self.post_feedforward_norm(self.feed_forward(self.pre_feedforward_norm(x)))
+
+
+class Gemma3Model(nn.Module):
+    """`model(input_ids)` → float32 logits [batch, seq, vocab]: a full forward with no cache.
+
+    With a `KVCache`, pass `cache_position` (the cache indices of these tokens, [seq]) to prefill or decode.
+    `attention_mask` ([batch, past + seq], 1 = token, 0 = left padding) and `position_ids` ([batch, seq]) follow
+    the Hugging Face conventions; positions default to each row's count of real tokens so far.
+    """
+
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope_local, self.rope_global = rotary_embeddings(config)
+        self.embed_scale = math.sqrt(config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                cache_position: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache, cache_position))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                      cache_position: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq = input_ids.shape
+        if cache_position is None:
+            cache_position = torch.arange(seq, device=input_ids.device)
+        if attention_mask is None:
+            valid = torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)
+        else:
+            valid = attention_mask[:, -seq:].bool()
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, seq) if attention_mask is not None \
+                else cache_position[None].expand(batch, seq)
+        x = self.embed_tokens(input_ids)
+        # HF multiplies by sqrt(hidden) rounded to the model dtype; doing the same keeps bf16/fp16 runs equal.
+        x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        rope_local, rope_global = self.rope_local(position_ids), self.rope_global(position_ids)
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x = layer(x, rope_local if layer.is_sliding else rope_global, cache_position, valid, layer_cache)
+        return self.final_norm(x)
+
+    def forward_with_past(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                          past: list[tuple[torch.Tensor, torch.Tensor]]
+                          ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The Hugging Face decoder contract that exported graphs follow: explicit past keys/values per layer
+        ([batch, kv_heads, past, head_dim], past may be 0) in, logits and `present` (past + new) out."""
+        past_length = past[0][0].shape[2]
+        cache = ConcatKVCache(past, attention_mask)
+        cache_position = torch.arange(input_ids.shape[1], device=input_ids.device) + past_length
+        logits = self.forward(input_ids, attention_mask, position_ids, cache, cache_position)
+        return logits, cache.presents()
+
+    def empty_past(self, batch_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        parameter = self.embed_tokens.weight
+        shape = (batch_size, self.config.num_kv_heads, 0, self.config.head_dim)
+        empty = torch.zeros(shape, dtype=parameter.dtype, device=parameter.device)
+        return [(empty, empty) for _ in range(self.config.num_layers)]
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.embed_tokens.weight).float()
+
+    @property
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights read to produce one token: every parameter once (the embedding as the LM head;
+        its row lookup is negligible)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def positions_from_mask(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """HF's rule: position = number of real tokens before this one (padding gets 0, it is masked anyway)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -seq:]

@@ -1,0 +1,65 @@
+"""The CLI as a user runs it: a subprocess, its output, its exit code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "gemma_export", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_generate_streams_text_and_speed():
+    result = run_cli("generate", "--model", "random:tiny", "--prompt", "Hello there", "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello there")
+    assert "prefill" in result.stderr and "decode" in result.stderr and "bandwidth achieved" in result.stderr
+
+
+@pytest.mark.real
+def test_generate_real_model_says_paris():
+    result = run_cli("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+BAD_INPUTS = [
+    (["generate", "--model", "no-such-model", "--prompt", "x"], "unknown model id"),
+    (["generate", "--model", "random:nope", "--prompt", "x"], "preset"),
+    (["generate", "--model", "/nonexistent/dir/model.gguf", "--prompt", "x"], "does not exist"),
+    (["generate", "--model", "random:tiny", "--prompt", "x", "--max-new-tokens", "5000"], "context"),
+    (["generate", "--model", "random:tiny", "--prompt", "x", "--max-new-tokens", "-3"], "--max-new-tokens"),
+    (["generate", "--model", "random:tiny", "--prompt", "x", "--device", "tpu"], "--device"),
+    (["generate", "--model", "random:tiny", "--prompt", "x", "--dtype", "int3"], "--dtype"),
+    (["generate", "--model", "random:tiny", "--prompt", "x", "--bogus"], "--bogus"),
+]
+
+
+@pytest.mark.parametrize("args, cause", BAD_INPUTS, ids=[" ".join(a[2:4]) + " " + c for a, c in BAD_INPUTS])
+def test_bad_input_gives_one_clear_line(args, cause):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert cause.lower() in lines[0].lower()
+    assert "Traceback" not in result.stderr
+
+
+def test_unavailable_device_names_the_fix():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA, so --device cuda is not an error here")
+    result = run_cli("generate", "--model", "random:tiny", "--prompt", "x", "--device", "cuda")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: device 'cuda' is not available on this machine; use --device cpu"
+
+
+def test_debug_shows_the_traceback():
+    result = run_cli("--debug", "generate", "--model", "no-such-model", "--prompt", "x")
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")
