@@ -7,8 +7,12 @@ MODEL ?= gemma-3-270m
 PROMPT ?= The capital of France is
 MAX_NEW_TOKENS ?= 64
 PYTEST_ARGS ?=
+OUT ?= artifacts
+# PRECISION= one or more, space-separated (default: the format's own default)
+PRECISION ?=
+precision_flags = $(foreach p,$(PRECISION),--precision $(p))
 
-.PHONY: setup test test-fast generate all clean
+.PHONY: setup test test-fast generate all clean bench-generate export-torchscript export-onnx export-coreml
 
 setup: $(VENV)/.installed
 
@@ -33,3 +37,15 @@ all: generate
 
 clean:
 	rm -rf artifacts/*/ .pytest_cache
+
+export-torchscript: setup
+	$(CLI) export --format torchscript --model "$(MODEL)" $(precision_flags) --out "$(OUT)"
+
+export-onnx: setup
+	$(CLI) export --format onnx --model "$(MODEL)" $(precision_flags) --out "$(OUT)"
+
+export-coreml: setup
+	$(CLI) export --format coreml --model "$(MODEL)" $(precision_flags) --out "$(OUT)"
+
+bench-generate: setup
+	$(PY) benchmarks/bench_generate.py --model "$(MODEL)"

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 
 import click
 import torch
 
+from exporters.artifact import Bundle
+from exporters.registry import FORMATS, check_precisions, export_bundle
 from gemma_export.errors import entry_point
+from gemma_export.progress import StepProgress
 from model.generate import GenerationResult, Sampling, generate
 from model.loading import DEFAULT_MODEL, DTYPES, load
 from model.tokenizer import GemmaTokenizer
@@ -60,6 +65,7 @@ def generate_command(model_id: str, revision: str | None, prompt: str, max_new_t
                       sampling=Sampling(temperature, top_k, top_p, seed), compile=use_compile,
                       on_tokens=print_new_text)
     sys.stdout.write("\n")
+    sys.stdout.flush()
     click.echo(speed_summary(result, loaded.model.weight_bytes_per_token), err=True)
 
 
@@ -68,6 +74,33 @@ def speed_summary(result: GenerationResult, weight_bytes_per_token: int) -> str:
     return (f"prompt {result.prompt_tokens} tokens, generated {result.tokens.shape[1]} | "
             f"prefill {result.prefill_tokens_per_second:.1f} tok/s | decode {decode:.1f} tok/s | "
             f"bandwidth achieved {decode * weight_bytes_per_token / 1e9:.1f} GB/s")
+
+
+@cli.command("export")
+@model_options
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), required=True)
+@click.option("--precision", "precisions", multiple=True,
+              help="Repeatable. torchscript: fp32|bf16|fp16; onnx: fp32|fp16|int8|int4; coreml: fp16|fp32|int8|int4.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
+@click.option("--wait", is_flag=True, help="Wait for another export into the same bundle instead of failing.")
+def export_command(model_id: str, revision: str | None, fmt: str, precisions: tuple[str, ...], out_dir: Path,
+                   wait: bool) -> None:
+    """Export the model to a verified artifact bundle: artifacts/<model>/<format>/."""
+    chosen = check_precisions(fmt, list(precisions))
+    started = time.perf_counter()
+    loaded = load(model_id, revision=revision)
+    with StepProgress(f"export {fmt}") as progress:
+        bundle = export_bundle(loaded, fmt, chosen, out_dir, progress=progress, wait=wait)
+    click.echo(bundle_summary(bundle, time.perf_counter() - started))
+
+
+def bundle_summary(bundle: Bundle, seconds: float) -> str:
+    lines = [f"{bundle.format} bundle {bundle.path} ({', '.join(bundle.precisions)}) in {seconds:.0f} s"]
+    for entry in bundle.manifest["files"]:
+        lines.append(f"  {entry['size'] / 2**20:9.1f} MiB  {entry['path']}")
+    total = sum(entry["size"] for entry in bundle.manifest["files"])
+    lines.append(f"  {total / 2**20:9.1f} MiB  total; manifest.json lists every file's sha256")
+    return "\n".join(lines)
 
 
 main = entry_point(cli)

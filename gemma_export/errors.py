@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 import traceback
 from collections.abc import Callable
 
@@ -17,6 +18,8 @@ EXIT_INTERRUPTED = 130
 
 def run_cli(group: click.Group, args: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if args is None else args)
+    if not debug:  # tracer/exporter warnings are for developers; --debug shows them
+        warnings.filterwarnings("ignore")
     try:
         group.main(args=args, prog_name="gemma-export", standalone_mode=False)
         return 0

@@ -8,6 +8,7 @@ the LM head is the embedding matrix.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -172,8 +173,7 @@ class Gemma3Model(nn.Module):
             position_ids = positions_from_mask(attention_mask, seq) if attention_mask is not None \
                 else cache_position[None].expand(batch, seq)
         x = self.embed_tokens(input_ids)
-        # HF multiplies by sqrt(hidden) rounded to the model dtype; doing the same keeps bf16/fp16 runs equal.
-        x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        x = x * scalar_in_dtype(self.embed_scale, x.dtype)
         rope_local, rope_global = self.rope_local(position_ids), self.rope_global(position_ids)
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
@@ -205,6 +205,13 @@ class Gemma3Model(nn.Module):
         """Bytes of weights read to produce one token: every parameter once (the embedding as the LM head;
         its row lookup is negligible)."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+@functools.cache
+def scalar_in_dtype(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to `dtype`: HF multiplies the embedding by sqrt(hidden) *in the model dtype*, and doing the
+    same keeps bf16/fp16 runs equal to it. A Python float keeps traced graphs free of tensor constants."""
+    return torch.tensor(value, dtype=dtype).item()
 
 
 def positions_from_mask(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:

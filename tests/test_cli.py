@@ -24,7 +24,7 @@ def test_generate_streams_text_and_speed():
 
 @pytest.mark.real
 def test_generate_real_model_says_paris():
-    result = run_cli("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8")
+    result = run_cli("generate", "--prompt", "Q: What is the capital of France?\nA:", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 

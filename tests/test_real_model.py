@@ -52,6 +52,6 @@ def test_cached_decode_equals_full_forward(real, real_long_prompt_ids):
 
 
 def test_known_continuation(real):
-    ids = torch.tensor([real.tokenizer.encode("The capital of France is")])
+    ids = torch.tensor([real.tokenizer.encode("Q: What is the capital of France?\nA:")])
     text = real.tokenizer.decode(generate_with_result(real.model, ids, 8).tokens[0].tolist())
     assert "Paris" in text

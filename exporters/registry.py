@@ -1,0 +1,71 @@
+"""Which exporter serves which format, and the one routine that turns an exporter's files into a bundle.
+
+Every format module has `export(model, out_dir, precision, progress) -> ExportedVariant | list[...]`; nothing
+else in the pipeline branches on the format to export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporters.artifact import Bundle, BundleWriter
+from exporters.signature import ExportedVariant
+from model.errors import UserError
+from model.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    module: str
+    precisions: tuple[str, ...]
+    default_precision: str
+
+
+FORMATS: dict[str, FormatInfo] = {
+    "torchscript": FormatInfo("exporters.torchscript", ("fp32", "bf16", "fp16"), "fp32"),
+    "onnx": FormatInfo("exporters.onnx", ("fp32", "fp16", "int8", "int4"), "fp32"),
+    "coreml": FormatInfo("exporters.coreml", ("fp16", "fp32", "int8", "int4"), "fp16"),
+}
+
+
+def format_info(fmt: str) -> FormatInfo:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def check_precisions(fmt: str, precisions: list[str]) -> list[str]:
+    info = format_info(fmt)
+    for precision in precisions:
+        if precision not in info.precisions:
+            raise UserError(f"{fmt} has no precision {precision!r}", f"use one of: {', '.join(info.precisions)}")
+    return precisions or [info.default_precision]
+
+
+def variant_key(exported: ExportedVariant) -> str:
+    """Manifest key of a variant: its precision; a torch.export program beside a TorchScript file of the same
+    precision is `<precision>-pt2`."""
+    return f"{exported.precision}-pt2" if exported.files[0].endswith(".pt2") else exported.precision
+
+
+def export_bundle(loaded: LoadedModel, fmt: str, precisions: list[str], artifacts_root: Path,
+                  progress: Callable[[str], None] | None = None, wait: bool = False) -> Bundle:
+    """Export `precisions` of `fmt` into artifacts_root/<slug>/<fmt>/, keeping the bundle's other verified
+    variants; publish atomically (the previous bundle survives any failure or interruption)."""
+    precisions = check_precisions(fmt, precisions)
+    exporter = importlib.import_module(format_info(fmt).module)
+    weights = loaded.weights
+    with BundleWriter(artifacts_root, weights.slug, fmt, keep_existing_variants=True, wait=wait) as bundle:
+        for precision in precisions:
+            exported = exporter.export(loaded.model, bundle.path, precision, progress=progress)
+            for variant in exported if isinstance(exported, list) else [exported]:
+                fields = dataclasses.asdict(variant)
+                fields["precision"] = variant_key(variant)
+                bundle.add_variant(**fields)
+        return bundle.finish(config=weights.config, tokenizer=loaded.tokenizer,
+                             source={"model_id": weights.source_id, "weight_sha256": weights.weight_sha256},
+                             options={"precisions": precisions}, progress=None)
