@@ -246,3 +246,8 @@ class ExportedProgramDecoder(ExplicitCacheRunner):
         extra_files = {METADATA_FILE: ""}
         program = torch.export.load(str(path), extra_files=extra_files)
         return program.module(), extra_files[METADATA_FILE]
+
+
+def open_decoder(path: Path) -> ExplicitCacheRunner:
+    """The runner for either file, chosen by its suffix (`.pt2` is torch.export, anything else TorchScript)."""
+    return ExportedProgramDecoder(path) if Path(path).suffix == ".pt2" else TorchScriptDecoder(path)

@@ -8,7 +8,6 @@ the LM head is the embedding matrix.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -151,8 +150,14 @@ class Gemma3Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rope_local, self.rope_global = rotary_embeddings(config)
-        self.embed_scale = math.sqrt(config.hidden_size)
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the computed, non-persistent float32 buffers (RoPE frequencies, embedding scale): a model
+        built on the meta device, or cast to bf16/fp16 as a whole, calls this to get exact ones back."""
+        with torch.device(device or self.embed_tokens.weight.device):
+            self.rope_local, self.rope_global = rotary_embeddings(self.config)
+            self.register_buffer("embed_scale", torch.tensor(math.sqrt(self.config.hidden_size)), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -173,7 +178,8 @@ class Gemma3Model(nn.Module):
             position_ids = positions_from_mask(attention_mask, seq) if attention_mask is not None \
                 else cache_position[None].expand(batch, seq)
         x = self.embed_tokens(input_ids)
-        x = x * scalar_in_dtype(self.embed_scale, x.dtype)
+        # HF multiplies by sqrt(hidden) rounded to the model dtype; doing the same keeps bf16/fp16 runs equal.
+        x = x * self.embed_scale.to(x.dtype)
         rope_local, rope_global = self.rope_local(position_ids), self.rope_global(position_ids)
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
@@ -205,13 +211,6 @@ class Gemma3Model(nn.Module):
         """Bytes of weights read to produce one token: every parameter once (the embedding as the LM head;
         its row lookup is negligible)."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
-
-
-@functools.cache
-def scalar_in_dtype(value: float, dtype: torch.dtype) -> float:
-    """`value` rounded to `dtype`: HF multiplies the embedding by sqrt(hidden) *in the model dtype*, and doing the
-    same keeps bf16/fp16 runs equal to it. A Python float keeps traced graphs free of tensor constants."""
-    return torch.tensor(value, dtype=dtype).item()
 
 
 def positions_from_mask(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:

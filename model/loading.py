@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from model.errors import UserError
-from model.gemma3 import Gemma3Model, rotary_embeddings
+from model.gemma3 import Gemma3Model
 from model.tokenizer import GemmaTokenizer
 from model.weights import LoadedWeights, default_gguf_path, load_weights
 
@@ -48,8 +48,9 @@ def build_model(weights: LoadedWeights, device: torch.device, dtype: torch.dtype
     if missing or unexpected:
         raise UserError(f"weights don't match the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
                         "use a Gemma 3 checkpoint")
-    model.rope_local, model.rope_global = rotary_embeddings(weights.config)  # meta buffers → real ones
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    model.init_buffers(device)  # the meta-device buffers → real float32 ones (not cast to the model dtype)
+    return model
 
 
 def load_tokenizer(weights: LoadedWeights) -> GemmaTokenizer:

@@ -13,12 +13,15 @@ import pytest
 import torch
 
 from exporters.signature import decoder_io
-from exporters.torchscript import ExportedProgramDecoder, TorchScriptDecoder, export
+from exporters.torchscript import export, open_decoder
 from model.errors import UserError
 from model.generate import generate
 
 LOGIT_TOLERANCE = 1e-3
-RUNNERS = {"model.pt": TorchScriptDecoder, "model.pt2": ExportedProgramDecoder}
+# Against the eager model in the same dtype, whose ring cache sums attention in another order: measured 0.0098
+# (bf16, one ulp of a logit near 2) and 0.00095 (fp16).
+HALF_LOGIT_TOLERANCE = {"bf16": 5e-2, "fp16": 5e-3}
+FILES = ["model.pt", "model.pt2"]
 
 # Imports only torch (this repo's packages are blocked): reads decoder.json from the archive, starts from an
 # empty past and prints the greedy tokens as JSON.
@@ -85,20 +88,20 @@ def test_export_writes_both_files_with_the_decoder_signature(tiny, tiny_export):
                      "export model.pt2", "save model.pt2", "verify model.pt2"]
 
 
-@pytest.mark.parametrize("file_name", RUNNERS)
+@pytest.mark.parametrize("file_name", FILES)
 def test_tiny_greedy_and_logits_match_pytorch_past_the_window(tiny, tiny_export, file_name):
     config = tiny.model.config
     prompt = tiny_prompt(40, seed=0, vocab_size=config.vocab_size)
     assert len(prompt) > 4 * config.sliding_window
     expected = reference(tiny.model, prompt, 64)
-    tokens, step_logits = RUNNERS[file_name](tiny_export[0] / file_name).greedy(prompt, 64)
+    tokens, step_logits = open_decoder(tiny_export[0] / file_name).greedy(prompt, 64)
     # Equal tokens mean the file was fed the reference tokens, so the logit differences are teacher-forced.
     assert tokens.tolist() == expected.tokens.tolist()
     assert max_step_difference(step_logits, expected.step_logits) <= LOGIT_TOLERANCE
     assert step_logits[0].dtype == torch.float32 and step_logits[0].shape == (1, config.vocab_size)
 
 
-@pytest.mark.parametrize("file_name", RUNNERS)
+@pytest.mark.parametrize("file_name", FILES)
 def test_file_loads_and_generates_with_only_torch(tiny, tiny_export, file_name, tmp_path):
     prompt = tiny_prompt(20, seed=1, vocab_size=tiny.model.config.vocab_size)
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -110,14 +113,14 @@ def test_file_loads_and_generates_with_only_torch(tiny, tiny_export, file_name, 
     assert json.loads(completed.stdout) == reference(tiny.model, prompt, 16).tokens[0].tolist()
 
 
-@pytest.mark.parametrize("file_name", RUNNERS)
+@pytest.mark.parametrize("file_name", FILES)
 def test_left_padded_batch_equals_each_prompt_alone(tiny, tiny_export, file_name):
     vocab_size, pad = tiny.model.config.vocab_size, tiny.model.config.pad_token_id
     prompts = [tiny_prompt(length, seed=10 + length, vocab_size=vocab_size) for length in (12, 20, 9, 17)]
     width = max(map(len, prompts))
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    runner = RUNNERS[file_name](tiny_export[0] / file_name)
+    runner = open_decoder(tiny_export[0] / file_name)
     batch_tokens, batch_logits = runner.greedy(input_ids, 12, attention_mask)
     assert batch_tokens.shape == (4, 12)
     for row, prompt in enumerate(prompts):
@@ -135,13 +138,12 @@ def test_half_precision_exports_keep_float32_logits_and_agree_with_eager(tiny, t
     prompt = tiny_prompt(24, seed=2, vocab_size=tiny.model.config.vocab_size)
     expected = reference(copy.deepcopy(tiny.model).to(dtype), prompt, 8)
     for variant in variants:
-        runner = (TorchScriptDecoder if variant.files[0].endswith(".pt") else ExportedProgramDecoder)(
-            tmp_path / variant.files[0])
+        runner = open_decoder(tmp_path / variant.files[0])
         tokens, step_logits = runner.greedy(prompt, 8)
         assert variant.logits_dtype == "float32" and step_logits[0].dtype == torch.float32
         assert runner.past[0].dtype == dtype
         assert tokens.tolist() == expected.tokens.tolist()
-        print(precision, variant.files[0], max_step_difference(step_logits, expected.step_logits))
+        assert max_step_difference(step_logits, expected.step_logits) <= HALF_LOGIT_TOLERANCE[precision]
 
 
 def test_unknown_precision_is_a_user_error_naming_the_supported_ones(tiny, tmp_path):
@@ -158,13 +160,18 @@ def real_export(real, tmp_path_factory):
     return out_dir
 
 
+@pytest.fixture(scope="module")
+def real_reference(real, real_long_prompt_ids):
+    return reference(real.model, real_long_prompt_ids, 64)
+
+
 @pytest.mark.real
-@pytest.mark.parametrize("file_name", RUNNERS)
-def test_real_model_greedy_and_logits_match_pytorch_past_the_window(real, real_export, real_long_prompt_ids,
-                                                                     file_name):
+@pytest.mark.parametrize("file_name", FILES)
+def test_real_model_greedy_and_logits_match_pytorch_past_the_window(real, real_export, real_reference,
+                                                                     real_long_prompt_ids, file_name):
     assert len(real_long_prompt_ids) > real.model.config.sliding_window
-    expected = reference(real.model, real_long_prompt_ids, 64)
-    tokens, step_logits = RUNNERS[file_name](real_export / file_name).greedy(real_long_prompt_ids, 64)
+    expected = real_reference
+    tokens, step_logits = open_decoder(real_export / file_name).greedy(real_long_prompt_ids, 64)
     difference = max_step_difference(step_logits, expected.step_logits)
     print(f"{file_name}: max |Δlogit| over 64 steps = {difference:.3g}")
     assert tokens.tolist() == expected.tokens.tolist()

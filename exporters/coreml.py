@@ -1,0 +1,439 @@
+"""Core ML export: a stateful ML Program (`.mlpackage`, iOS 18 / macOS 15) with the KV cache inside the model.
+
+The traced module (`StatefulDecoder`) reuses the reference model's weights but is written for Core ML:
+
+- KV cache: one key and one value buffer per layer, registered on the top module and declared as
+  `ct.StateType`s. A chunk is written by slice assignment at `cache_position` (Apple's "On Device Llama 3.1
+  with Core ML" recipe), which converts to `slice_update` on the state. Per-layer buffers rather than one
+  stacked tensor: each write touches one layer's [1, kv_heads, max_context, head_dim] slab instead of
+  reading and rewriting all layers, and each state's shape reads as what it is.
+- Sliding layers keep a full `max_context` cache, not a window-length ring: a prefill chunk longer than the
+  window would wrap around a ring and need a scatter (which does not convert) or two writes per chunk; with
+  full-length buffers every layer has one write pattern and the window lives in the mask. The price is
+  memory (at 2048 tokens 34 MB of fp16 cache instead of 11 MB; at 32k, 600 MB instead of 80 MB).
+- Inputs: `input_ids` int32 [1, query_length] (query_length ∈ `query_lengths`, `ct.EnumeratedShapes`, which
+  keeps the Neural Engine usable) and `cache_position` int32 [1], the cache index of the first token. The
+  causal and sliding-window masks are built inside from the position (no mask input to get wrong, no
+  float mask crossing the API): key index k is visible to query p when k ≤ p (and k > p − window).
+- Output: `logits` float32 [1, 1, vocab] of the chunk's last token only. All-position logits would be
+  512 × 262,144 values per prefill chunk and a 512-row LM head product that nobody reads.
+- fp16: Gemma's residual stream reaches ~1.0e5 on the real weights (layer 14, measured), past fp16's 65,504,
+  and x² in an RMSNorm overflows from |x| ≈ 256. So the residual stream is carried divided by
+  `RESIDUAL_SCALE` (RMSNorm is scale-invariant: only the embedding scale and the two post-norms, which feed
+  the residual, change) and every RMSNorm divides by max |x| before squaring.
+- LM head: the tied 262,144 × 640 embedding is held as `lm_head_chunks` constants of ≤ 16,384 rows (the
+  Neural Engine's dimension limit); the head is their products concatenated, and the embedding lookup
+  gathers from the same constants, so the package stores the matrix once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exporters.signature import ExportedVariant, tensor_spec
+from model.config import Gemma3Config
+from model.errors import UserError
+from model.gemma3 import Gemma3Model, RMSNorm, apply_rope
+
+PRECISIONS = ("fp16", "fp32", "int8", "int4")
+PACKAGE_NAMES = {"fp16": "model.mlpackage", "fp32": "model_fp32.mlpackage", "int8": "model_int8.mlpackage",
+                 "int4": "model_int4.mlpackage"}
+# States (`ct.StateType`) exist from iOS 18 / macOS 15 on: those two names of one spec version are accepted.
+DEPLOYMENT_TARGETS = ("iOS18", "macOS15")
+ANE_MAX_DIMENSION = 16_384
+# Max |residual| over a 600-token real prompt is 1.04e5 (layer 14); / 16 leaves it at 6.5e3, 10× below
+# fp16's maximum, so longer or odder prompts keep headroom. Precision is unchanged (fp16 is relative).
+RESIDUAL_SCALE = 16.0
+# The smallest normal fp16: the floor of max |x| in RMSNorm, so an all-zero row divides by a number, not 0.
+FP16_SMALLEST_NORMAL = 2.0 ** -14
+INT4_BLOCK_SIZE = 32
+GEMMA_LICENSE = "Gemma Terms of Use: https://ai.google.dev/gemma/terms"
+COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
+
+Progress = Callable[[str], None] | None
+
+
+class PeakScaledRMSNorm(nn.Module):
+    """Gemma's RMSNorm, fp16-safe: x is divided by its max |x| first, so squares stay ≤ 1.
+
+    x / sqrt(mean(x²) + eps) = s / sqrt(mean(s²) + (sqrt(eps) / peak)²) with s = x / peak; `gain` is
+    (1 + weight), divided by `output_divisor` for norms whose output joins the scaled residual stream. A norm
+    that reads the residual stream (divided by `input_divisor`) divides sqrt(eps) too, which keeps it exact.
+    """
+
+    def __init__(self, norm: RMSNorm, input_divisor: float = 1.0, output_divisor: float = 1.0) -> None:
+        super().__init__()
+        # A tensor, not a float: `float / tensor` traces as reciprocal, which Core ML computes as
+        # 1 / (x + 1e-4), an error that matters when max |x| is small.
+        self.register_buffer("sqrt_eps", torch.tensor([math.sqrt(norm.eps) / input_divisor]), persistent=False)
+        self.register_buffer("gain", ((1.0 + norm.weight.detach().float()) / output_divisor), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        peak = x.abs().amax(-1, keepdim=True).clamp(min=FP16_SMALLEST_NORMAL)
+        scaled = x / peak
+        eps_term = (self.sqrt_eps / peak).square()
+        return scaled * torch.rsqrt(scaled.square().mean(-1, keepdim=True) + eps_term) * self.gain
+
+
+class StatefulAttention(nn.Module):
+    """Attention of one layer over its state buffers (owned by `StatefulDecoder`, passed in)."""
+
+    def __init__(self, model: Gemma3Model, layer_index: int) -> None:
+        super().__init__()
+        config = model.config
+        attention = model.layers[layer_index].attention
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (attention.q_proj, attention.k_proj,
+                                                              attention.v_proj, attention.o_proj)
+        self.q_norm, self.k_norm = PeakScaledRMSNorm(attention.q_norm), PeakScaledRMSNorm(attention.k_norm)
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.groups = config.num_heads // config.num_kv_heads
+        # Core ML's fused SDPA (iOS 18) only has the default 1/sqrt(head_dim) scale: fold any other into q.
+        self.query_rescale = config.query_pre_attn_scalar ** -0.5 * math.sqrt(config.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                key_cache: torch.Tensor, value_cache: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj(x).view(1, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(1, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(1, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        if self.query_rescale != 1.0:
+            q = q * self.query_rescale
+        end = start + x.shape[1]
+        key_cache[:, :, start:end] = k.to(key_cache.dtype)
+        value_cache[:, :, start:end] = v.to(value_cache.dtype)
+        key_cache, value_cache = key_cache.to(q.dtype), value_cache.to(q.dtype)
+        # Grouped-query attention without repeating the cache: the `groups` query heads that share a kv head
+        # become extra query rows of that head ([1, kv_heads, groups * seq, head_dim]).
+        grouped_q = q.reshape(1, self.num_kv_heads, -1, self.head_dim)
+        grouped_mask = mask.repeat(1, 1, self.groups, 1) if self.groups > 1 else mask
+        out = F.scaled_dot_product_attention(grouped_q, key_cache, value_cache, attn_mask=grouped_mask)
+        out = out.reshape(1, self.num_heads, -1, self.head_dim).transpose(1, 2)
+        return self.o_proj(out.reshape(1, -1, self.num_heads * self.head_dim))
+
+
+class StatefulBlock(nn.Module):
+    def __init__(self, model: Gemma3Model, layer_index: int) -> None:
+        super().__init__()
+        block = model.layers[layer_index]
+        self.is_sliding = block.is_sliding
+        self.input_norm = PeakScaledRMSNorm(block.input_norm, input_divisor=RESIDUAL_SCALE)
+        self.attention = StatefulAttention(model, layer_index)
+        self.post_attention_norm = PeakScaledRMSNorm(block.post_attention_norm, output_divisor=RESIDUAL_SCALE)
+        self.pre_feedforward_norm = PeakScaledRMSNorm(block.pre_feedforward_norm, input_divisor=RESIDUAL_SCALE)
+        self.feed_forward = block.feed_forward
+        self.post_feedforward_norm = PeakScaledRMSNorm(block.post_feedforward_norm, output_divisor=RESIDUAL_SCALE)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                key_cache: torch.Tensor, value_cache: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        attended = self.attention(self.input_norm(x), cos, sin, mask, key_cache, value_cache, start)
+        x = x + self.post_attention_norm(attended)
+        return x + self.post_feedforward_norm(self.feed_forward(self.pre_feedforward_norm(x)))
+
+
+class ChunkedTiedEmbedding(nn.Module):
+    """The tied embedding as `chunks` row blocks: the LM head (concatenated products) and the input lookup
+    (a gather per block, kept where the token falls in it) read the same constants."""
+
+    def __init__(self, weight: torch.Tensor, chunks: int, input_scale: float) -> None:
+        super().__init__()
+        self.rows_per_chunk = weight.shape[0] // chunks
+        self.blocks = nn.ParameterList(nn.Parameter(block.detach().clone(), requires_grad=False)
+                                       for block in weight.split(self.rows_per_chunk))
+        self.input_scale = input_scale
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embedded = None
+        for index, block in enumerate(self.blocks):
+            row = input_ids - index * self.rows_per_chunk
+            inside = ((row >= 0) & (row < self.rows_per_chunk))[..., None]
+            rows = F.embedding(row.clamp(0, self.rows_per_chunk - 1), block)
+            part = torch.where(inside, rows, torch.zeros_like(rows))
+            embedded = part if embedded is None else embedded + part
+        return embedded * self.input_scale
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(hidden, block) for block in self.blocks], dim=-1)
+
+
+def rope_tables(rope: nn.Module, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_context, head_dim] for every position, computed exactly as the reference does. A lookup
+    rather than cos(position × frequency) in the graph: fp16 cannot hold position × frequency (at 2048 its
+    step is 2 radians)."""
+    cos, sin = rope(torch.arange(max_context)[None])
+    return cos[0, 0], sin[0, 0]
+
+
+class StatefulDecoder(nn.Module):
+    """(input_ids int32 [1, seq], cache_position int32 [1]) → logits [1, 1, vocab] of the last token; writes
+    the chunk's keys/values into the `key_cache_{i}` / `value_cache_{i}` state buffers."""
+
+    def __init__(self, model: Gemma3Model, max_context: int, lm_head_chunks: int) -> None:
+        super().__init__()
+        config = model.config
+        self.sliding_window, self.max_context = config.sliding_window, max_context
+        self.embedding = ChunkedTiedEmbedding(model.embed_tokens.weight, lm_head_chunks,
+                                              model.embed_scale / RESIDUAL_SCALE)
+        self.layers = nn.ModuleList(StatefulBlock(model, i) for i in range(config.num_layers))
+        self.final_norm = PeakScaledRMSNorm(model.final_norm, input_divisor=RESIDUAL_SCALE)
+        for name, rope in (("local", model.rope_local), ("global", model.rope_global)):
+            cos, sin = rope_tables(rope, max_context)
+            self.register_buffer(f"rope_cos_{name}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{name}", sin, persistent=False)
+        cache_shape = (1, config.num_kv_heads, max_context, config.head_dim)
+        for i in range(config.num_layers):
+            self.register_buffer(f"key_cache_{i}", torch.zeros(cache_shape, dtype=torch.float16))
+            self.register_buffer(f"value_cache_{i}", torch.zeros(cache_shape, dtype=torch.float16))
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        # int32 throughout: fp16 compute would round positions above 2048.
+        positions = cache_position + torch.arange(input_ids.shape[1], dtype=torch.int32)[None]  # [1, seq]
+        key_positions = torch.arange(self.max_context, dtype=torch.int32)
+        causal = key_positions[None, None, :] <= positions[..., None]  # [1, seq, max_context]
+        masks = {False: causal[:, None],
+                 True: (causal & (key_positions[None, None, :] > positions[..., None] - self.sliding_window))[:, None]}
+        index = positions[0]
+        ropes = {True: (self.rope_cos_local[index], self.rope_sin_local[index]),
+                 False: (self.rope_cos_global[index], self.rope_sin_global[index])}
+        x = self.embedding.embed(input_ids)
+        start = cache_position[0]
+        for i, layer in enumerate(self.layers):
+            cos, sin = ropes[layer.is_sliding]
+            x = layer(x, cos, sin, masks[layer.is_sliding], getattr(self, f"key_cache_{i}"),
+                      getattr(self, f"value_cache_{i}"), start)
+        return self.embedding.logits(self.final_norm(x[:, -1:]))
+
+
+def export(model: Gemma3Model, out_dir: Path, precision: str = "fp16", max_context: int = 2048,
+           query_lengths: Sequence[int] = (1, 64, 512), lm_head_chunks: int = 16, progress: Progress = None,
+           deployment_target: str = "iOS18") -> ExportedVariant:
+    """Convert `model` into out_dir/<PACKAGE_NAMES[precision]> and describe it."""
+    import coremltools as ct
+
+    config = model.config
+    query_lengths = check_options(config, precision, max_context, tuple(query_lengths), lm_head_chunks,
+                                  deployment_target)
+    report(progress, "trace")
+    if next(model.parameters()).dtype != torch.float32:
+        model = copy.deepcopy(model).float()  # the caller's model stays as it was; precision is Core ML's job
+    decoder = StatefulDecoder(model.eval(), max_context, lm_head_chunks).eval()
+    example = (torch.zeros(1, query_lengths[-1], dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+    with torch.no_grad():
+        traced = torch.jit.trace(decoder, example, check_trace=False)
+    report(progress, "convert")
+    register_int_of_one_element()
+    mlmodel = ct.convert(
+        traced,
+        inputs=[ct.TensorType("input_ids", shape=ct.EnumeratedShapes([(1, n) for n in query_lengths],
+                                                                      default=(1, 1)), dtype=np.int32),
+                ct.TensorType("cache_position", shape=(1,), dtype=np.int32)],
+        outputs=[ct.TensorType("logits", dtype=np.float32)],
+        states=state_types(config, max_context),
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
+        convert_to="mlprogram",
+        skip_model_load=True,
+    )
+    if precision in ("int8", "int4"):
+        report(progress, "compress")
+        mlmodel = compress(mlmodel, precision)
+    report(progress, "save")
+    describe(mlmodel, config, precision, max_context, query_lengths, lm_head_chunks)
+    path = Path(out_dir) / PACKAGE_NAMES[precision]
+    mlmodel.save(str(path))
+    return ExportedVariant(precision=precision, files=[path.name], io=package_io(config, max_context, query_lengths),
+                           options=export_options(max_context, query_lengths, lm_head_chunks),
+                           deployment_target=deployment_target, logits_dtype="float32")
+
+
+def check_options(config: Gemma3Config, precision: str, max_context: int, query_lengths: tuple[int, ...],
+                  lm_head_chunks: int, deployment_target: str) -> tuple[int, ...]:
+    """Every option a user can get wrong, refused before minutes of conversion; returns the sorted lengths."""
+    if precision not in PRECISIONS:
+        raise UserError(f"Core ML has no precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}")
+    if deployment_target not in DEPLOYMENT_TARGETS:
+        raise UserError(f"deployment target {deployment_target!r} is not supported: the stateful KV cache needs "
+                        "iOS 18 / macOS 15 or later", f"use one of: {', '.join(DEPLOYMENT_TARGETS)}")
+    if not 1 <= max_context <= config.context_length:
+        raise UserError(f"max_context {max_context} is outside 1..{config.context_length} (the model's context)",
+                        "pass e.g. 2048")
+    if not query_lengths or any(not 1 <= n <= max_context for n in query_lengths) or 1 not in query_lengths:
+        raise UserError(f"query lengths {list(query_lengths)} must include 1 (decode) and stay within "
+                        f"max_context ({max_context})", "pass e.g. (1, 64, 512)")
+    rows = config.vocab_size // lm_head_chunks if lm_head_chunks > 0 else 0
+    if lm_head_chunks < 1 or config.vocab_size % lm_head_chunks or rows > ANE_MAX_DIMENSION:
+        raise UserError(f"lm_head_chunks {lm_head_chunks} must divide the vocabulary ({config.vocab_size}) into "
+                        f"chunks of at most {ANE_MAX_DIMENSION} rows (the Neural Engine's limit)",
+                        f"use {max(1, -(-config.vocab_size // ANE_MAX_DIMENSION))} or a multiple of it that "
+                        "divides the vocabulary")
+    return tuple(sorted(set(query_lengths)))
+
+
+def report(progress: Progress, step: str) -> None:
+    if progress is not None:
+        progress(step)
+
+
+def state_types(config: Gemma3Config, max_context: int) -> list[Any]:
+    """Core ML states hold fp16 only (coremltools refuses others), so the fp32 package caches fp16 too."""
+    import coremltools as ct
+
+    shape = (1, config.num_kv_heads, max_context, config.head_dim)
+    return [ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=f"{kind}_cache_{i}")
+            for i in range(config.num_layers) for kind in ("key", "value")]
+
+
+def register_int_of_one_element() -> None:
+    """coremltools 9.0's `aten::Int` converter calls int() on a one-element *array* (the traced slice bound
+    `cache_position[0] + seq`), which numpy 2 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"). This override takes element 0 instead; for everything the original handled it does the same."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
+
+    @register_torch_op(torch_alias=["int"], override=True)
+    def int_of_one_element(context: Any, node: Any) -> None:
+        x = _get_inputs(context, node, expected=1)[0]
+        if x.can_be_folded_to_const():
+            result = mb.const(val=np.int32(np.asarray(x.val).reshape(-1)[0]), name=node.name)
+        else:
+            if x.rank > 0:
+                x = mb.squeeze(x=mb.reshape(x=x, shape=[1]), name=node.name + "_item")
+            result = mb.cast(x=x, dtype="int32", name=node.name)
+        context.add(result, node.name)
+
+
+def compress(mlmodel: Any, precision: str) -> Any:
+    """int8: per-output-channel symmetric weights; int4: symmetric blocks of 32 along the input dimension.
+    Compute stays fp16. Only weights of `linear` ops are compressed: the RoPE tables (gather) and the norm
+    gains (too small) stay fp16, while the tied embedding is compressed through the LM head that shares it."""
+    import coremltools.optimize.coreml as cto
+
+    if precision == "int8":
+        linear = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+    else:
+        linear = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                             block_size=INT4_BLOCK_SIZE)
+    config = cto.OptimizationConfig(global_config=None, op_type_configs={"linear": linear})
+    return cto.linear_quantize_weights(mlmodel, config)
+
+
+def describe(mlmodel: Any, config: Gemma3Config, precision: str, max_context: int,
+             query_lengths: tuple[int, ...], lm_head_chunks: int) -> None:
+    mlmodel.author = "Google DeepMind (Gemma 3 weights); exported by gemma-export"
+    mlmodel.license = GEMMA_LICENSE
+    mlmodel.short_description = (f"Gemma 3 text decoder ({precision}) with a stateful KV cache of {max_context} "
+                                 "tokens: feed a chunk of token ids at its cache position, get the next-token logits.")
+    mlmodel.version = package_version()
+    mlmodel.input_description["input_ids"] = (f"int32 [1, n] token ids, n in {list(query_lengths)}: a prompt chunk "
+                                              "or the one token to decode")
+    mlmodel.input_description["cache_position"] = ("int32 [1]: cache index (= position) of the chunk's first token; "
+                                                   f"the chunk must end at or before {max_context}")
+    mlmodel.output_description["logits"] = f"float32 [1, 1, {config.vocab_size}]: next-token logits of the chunk's last token"
+    options = export_options(max_context, query_lengths, lm_head_chunks)
+    mlmodel.user_defined_metadata.update({key: str(value) for key, value in options.items()}
+                                         | {"precision": precision, "vocab_size": str(config.vocab_size)})
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gemma-export")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def export_options(max_context: int, query_lengths: tuple[int, ...], lm_head_chunks: int) -> dict[str, Any]:
+    import coremltools as ct
+
+    return {"max_context": max_context, "query_lengths": list(query_lengths), "lm_head_chunks": lm_head_chunks,
+            "residual_scale": RESIDUAL_SCALE, "kv_cache": "per-layer fp16 states, full max_context length",
+            "coremltools_version": ct.__version__, "torch_version": torch.__version__}
+
+
+def package_io(config: Gemma3Config, max_context: int, query_lengths: tuple[int, ...]) -> dict[str, list[dict[str, Any]]]:
+    seq = "seq" if len(query_lengths) > 1 else query_lengths[0]
+    state_shape: list[int | str] = [1, config.num_kv_heads, max_context, config.head_dim]
+    return {"inputs": [tensor_spec("input_ids", "int32", [1, seq]), tensor_spec("cache_position", "int32", [1])],
+            "outputs": [tensor_spec("logits", "float32", [1, 1, config.vocab_size])],
+            "states": [tensor_spec(f"{kind}_cache_{i}", "float16", state_shape)
+                       for i in range(config.num_layers) for kind in ("key", "value")]}
+
+
+def package_metadata(path: Path) -> dict[str, str]:
+    """The options the exporter stored in the package (max_context, query_lengths, ...)."""
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(path))
+    return dict(spec.description.metadata.userDefined)
+
+
+class CoreMLRuntimeDecoder:
+    """The real Core ML runtime (macOS only): `prefill(ids) -> logits`, `decode(token) -> logits`, `reset()`,
+    float32 [1, vocab]; the KV cache lives in the model's state. A prompt goes in chunks of the package's
+    query lengths, longest first."""
+
+    def __init__(self, path: Path, compute_units: str = "CPU_AND_NE") -> None:
+        if platform.system() != "Darwin":
+            raise UserError("Core ML prediction needs macOS; use the MIL runner",
+                            "validate with validation.mil.MILRunner on this machine")
+        if compute_units not in COMPUTE_UNITS:
+            raise UserError(f"unknown compute units {compute_units!r}", f"use one of: {', '.join(COMPUTE_UNITS)}")
+        import coremltools as ct
+
+        metadata = package_metadata(Path(path))
+        self.max_context = int(metadata["max_context"])
+        self.query_lengths = sorted(int(n) for n in metadata["query_lengths"].strip("[]").split(","))
+        self.mlmodel = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = self.mlmodel.make_state()
+        self.position = 0
+
+    def prefill(self, input_ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        self.reset()
+        ids = np.asarray(input_ids, dtype=np.int32).reshape(-1)
+        logits = None
+        for chunk in prompt_chunks(len(ids), self.query_lengths):
+            logits = self._step(ids[self.position:self.position + chunk])
+        return logits
+
+    def decode(self, token: int | torch.Tensor) -> torch.Tensor:
+        return self._step(np.asarray([int(token)], dtype=np.int32))
+
+    def _step(self, ids: np.ndarray) -> torch.Tensor:
+        check_room(self.position, len(ids), self.max_context)
+        outputs = self.mlmodel.predict({"input_ids": ids[None], "cache_position": np.array([self.position], np.int32)},
+                                       state=self.state)
+        self.position += len(ids)
+        return torch.from_numpy(np.asarray(outputs["logits"], dtype=np.float32).reshape(1, -1))
+
+
+def prompt_chunks(length: int, query_lengths: Sequence[int]) -> list[int]:
+    """Chunk sizes that cover `length` tokens exactly, longest allowed size first (1 is always allowed)."""
+    if length < 1:
+        raise UserError("the prompt is empty", "pass at least one token")
+    chunks = []
+    for size in sorted(query_lengths, reverse=True):
+        while length >= size:
+            chunks.append(size)
+            length -= size
+    return chunks
+
+
+def check_room(position: int, new_tokens: int, max_context: int) -> None:
+    if position + new_tokens > max_context:
+        raise UserError(f"{position + new_tokens} tokens exceed the package's max_context of {max_context}",
+                        "shorten the prompt, generate fewer tokens or export with a larger max_context")

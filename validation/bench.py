@@ -1,0 +1,179 @@
+"""Speed and memory of every runner: load time, time to first token, prefill and decode tok/s, peak RSS, and
+decode speed as a share of the memory-bandwidth ceiling (weight bytes read per token ÷ read bandwidth).
+
+Each runner is measured in a fresh process (`python -m validation.bench --one <job json>`), so its peak RSS is
+its own and the memory of one runtime is given back before the next starts. Timings are medians of
+`repeats` runs after one warm-up run that is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from validation.bandwidth import ceiling_tokens_per_second, measure_read_bandwidth
+from validation.runners import BACKENDS, Runner, RunnerSpec, load_bundles, make_runner, set_thread_count
+
+WARMUP_RUNS = 1
+RESULT_PREFIX = "BENCH-RESULT "
+SUBPROCESS_TIMEOUT_S = 3600
+FIRST_ORDINARY_TOKEN = 3  # ids 0-2 are <pad>, <eos>, <bos>
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    threads: int = 0  # 0: every core
+    ttft_prompt_tokens: int = 16
+    prefill_tokens: int = 512
+    decode_tokens: int = 256
+    repeats: int = 3
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """Everything a fresh process needs to open one runner the way validation does."""
+
+    spec: RunnerSpec
+    artifacts_root: str
+    slug: str
+    model_id: str
+    weight_sha256: str
+    settings: BenchSettings
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "spec": self.spec.to_dict()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "BenchJob":
+        data = json.loads(text)
+        return cls(RunnerSpec.from_dict(data["spec"]), data["artifacts_root"], data["slug"], data["model_id"],
+                   data["weight_sha256"], BenchSettings(**data["settings"]))
+
+
+def prompt_ids(length: int, vocab_size: int) -> list[int]:
+    """A fixed prompt of ordinary tokens (no control tokens), the same for every runner."""
+    span = vocab_size - FIRST_ORDINARY_TOKEN
+    return [FIRST_ORDINARY_TOKEN + (index * 7919) % span for index in range(length)]
+
+
+def median_seconds(action: Callable[[], None], repeats: int) -> float:
+    seconds = []
+    for _ in range(WARMUP_RUNS + repeats):
+        started = time.perf_counter()
+        action()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds[WARMUP_RUNS:])
+
+
+def time_to_first_token(runner: Runner, settings: BenchSettings) -> float:
+    ids = prompt_ids(settings.ttft_prompt_tokens, runner.vocab_size)
+    return median_seconds(lambda: int(runner.prefill(ids).argmax()), settings.repeats)
+
+
+def prefill_tokens_per_second(runner: Runner, length: int, settings: BenchSettings) -> float:
+    ids = prompt_ids(length, runner.vocab_size)
+    return length / median_seconds(lambda: runner.prefill(ids), settings.repeats)
+
+
+def decode_tokens_per_second(runner: Runner, settings: BenchSettings) -> float:
+    """Greedy decode of `decode_tokens` after a short prompt; the prefill is outside the timed part."""
+    ids = prompt_ids(settings.ttft_prompt_tokens, runner.vocab_size)
+    rates = []
+    for _ in range(WARMUP_RUNS + settings.repeats):
+        token = int(runner.prefill(ids).argmax())
+        started = time.perf_counter()
+        for _ in range(settings.decode_tokens):
+            token = int(runner.decode(token).argmax())
+        rates.append(settings.decode_tokens / (time.perf_counter() - started))
+    return statistics.median(rates[WARMUP_RUNS:])
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024  # macOS counts bytes, Linux KiB
+
+
+def run_job(job: BenchJob) -> dict[str, Any]:
+    """Open and measure one runner in this process."""
+    from model.loading import load
+
+    settings = job.settings
+    set_thread_count(settings.threads)
+    backend = BACKENDS[job.spec.backend]
+    model = load(job.model_id).model if backend.bundle_format is None else None
+    bundles, problems = ({}, []) if model is not None else load_bundles(
+        Path(job.artifacts_root), job.slug, [backend.bundle_format], job.weight_sha256)
+    if problems:
+        raise RuntimeError(problems[0].reason)
+    started = time.perf_counter()
+    runner = make_runner(job.spec, bundles, model, threads=settings.threads)
+    load_seconds = time.perf_counter() - started
+    room = runner.context_tokens - settings.decode_tokens - settings.ttft_prompt_tokens
+    prefill_length = max(1, min(settings.prefill_tokens, room))
+    return {"load_seconds": load_seconds,
+            "time_to_first_token_seconds": time_to_first_token(runner, settings),
+            "prefill_tokens": prefill_length,
+            "prefill_tokens_per_second": prefill_tokens_per_second(runner, prefill_length, settings),
+            "decode_tokens": settings.decode_tokens,
+            "decode_tokens_per_second": decode_tokens_per_second(runner, settings),
+            "size_bytes": runner.size_bytes, "weight_bytes_per_token": runner.weight_bytes_per_token,
+            "threads": settings.threads or os.cpu_count(), "peak_rss_bytes": peak_rss_bytes()}
+
+
+def run_job_in_subprocess(job: BenchJob) -> dict[str, Any]:
+    """`run_job` in a fresh interpreter; its last stdout line carries the result."""
+    completed = subprocess.run([sys.executable, "-m", "validation.bench", "--one", job.to_json()],
+                               capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+                               cwd=Path(__file__).resolve().parents[1])
+    results = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if completed.returncode != 0 or not results:
+        last_line = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"benchmark process exited with {completed.returncode}: {last_line}")
+    return json.loads(results[-1].removeprefix(RESULT_PREFIX))
+
+
+def with_ceiling(measured: dict[str, Any], bandwidth_bytes_per_second: float) -> dict[str, Any]:
+    ceiling = ceiling_tokens_per_second(measured["weight_bytes_per_token"], bandwidth_bytes_per_second)
+    return {**measured, "ceiling_tokens_per_second": ceiling,
+            "percent_of_ceiling": 100 * measured["decode_tokens_per_second"] / ceiling}
+
+
+def bench_all(jobs: Sequence[BenchJob], bandwidth_megabytes: int = 1024,
+              on_runner: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure the read bandwidth once, then each job in its own process; a job that fails is reported."""
+    bandwidth = measure_read_bandwidth(bandwidth_megabytes)
+    rows = []
+    for job in jobs:
+        if on_runner is not None:
+            on_runner(job.spec.name)
+        row: dict[str, Any] = {"runner": job.spec.name, **job.spec.to_dict()}
+        try:
+            row.update(with_ceiling(run_job_in_subprocess(job), bandwidth))
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            row["error"] = str(error)
+        rows.append(row)
+    settings = asdict(jobs[0].settings) if jobs else {}
+    return {"read_bandwidth_bytes_per_second": bandwidth, "bandwidth_buffer_megabytes": bandwidth_megabytes,
+            "settings": settings, "runners": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Benchmark one runner (used by `gemma-export bench`).")
+    parser.add_argument("--one", required=True, help="a BenchJob as JSON")
+    job = BenchJob.from_json(parser.parse_args(argv).one)
+    print(RESULT_PREFIX + json.dumps(run_job(job)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Does each runner compute what the reference computes? Step by step, on the same prompts.
+
+The reference (PyTorch eager, fp32) generates greedily and so decides the tokens. Each runner is then fed
+those same tokens (teacher forcing), so step k of every runner sees the same context and its logits can be
+compared with the reference's step k: max and mean |Δlogit|, cosine, KL(ref ‖ run), top-1 agreement, top-5
+overlap, NaN/Inf. Each runner also generates greedily on its own, and the report says for how many steps
+its tokens stay identical to the reference's. Perplexity on a held-out text is measured for every runner.
+
+Pass/fail floors live in one table per precision (`THRESHOLDS`); a verdict names the criterion that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.config import PRESETS, Gemma3Config
+from model.tokenizer import GemmaTokenizer
+from validation.runners import Runner
+
+PROMPTS_FILE = Path(__file__).with_name("prompts.json")
+HELDOUT_FILE = Path(__file__).with_name("heldout.txt")
+HELDOUT_MAX_TOKENS = 512
+TOP_K_OVERLAP = 5
+# fp32 exports do the same arithmetic as the reference, in another order: a toy-sized model's logits agree to
+# 1e-3; a real one's (hidden 640+, 18+ layers, logits ~±30) accumulate more rounding.
+FP32_MAX_LOGIT_DIFF = {"tiny": 1e-3, "real": 5e-3}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A runner passes when every criterion that is set holds; NaN/Inf logits always fail."""
+
+    max_abs_logit_diff: float | None = None
+    min_top1_agreement: float | None = None  # fraction of teacher-forced steps with the reference's top-1
+    greedy_identical: bool = False  # its own greedy run must equal the reference's on every prompt
+
+
+THRESHOLDS: dict[str, Thresholds] = {
+    "fp32": Thresholds(max_abs_logit_diff=FP32_MAX_LOGIT_DIFF["real"], greedy_identical=True),
+    "bf16": Thresholds(min_top1_agreement=0.99),
+    "fp16": Thresholds(min_top1_agreement=0.99),
+    "int8": Thresholds(min_top1_agreement=0.98),
+    "int4": Thresholds(min_top1_agreement=0.97),
+}
+
+
+def model_scale(config: Gemma3Config) -> str:
+    return "tiny" if config.hidden_size <= PRESETS["tiny"].hidden_size else "real"
+
+
+def thresholds_for(precision: str, config: Gemma3Config, max_abs_logit_diff: float | None = None,
+                   min_top1_agreement: float | None = None) -> Thresholds:
+    """The table's floors for `precision` on this model, with the CLI's overrides (None keeps the table's)."""
+    base = THRESHOLDS.get(precision, Thresholds())
+    if precision == "fp32":
+        base = replace(base, max_abs_logit_diff=FP32_MAX_LOGIT_DIFF[model_scale(config)])
+    if max_abs_logit_diff is not None:
+        base = replace(base, max_abs_logit_diff=max_abs_logit_diff)
+    if min_top1_agreement is not None:
+        base = replace(base, min_top1_agreement=min_top1_agreement)
+    return base
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    ids: list[int]
+    crosses_window: bool  # longer than the model's sliding window
+
+
+def load_prompts(tokenizer: GemmaTokenizer, config: Gemma3Config, max_new_tokens: int,
+                 path: Path = PROMPTS_FILE) -> list[Prompt]:
+    """prompts.json tokenized with this model's tokenizer, each cut to leave room for `max_new_tokens`."""
+    room = config.context_length - max_new_tokens
+    prompts = []
+    for entry in json.loads(path.read_text(encoding="utf-8"))["prompts"]:
+        text = entry["text"] if "text" in entry else tokenizer.apply_chat_template(entry["messages"])
+        ids = tokenizer.encode(text)[:room]
+        prompts.append(Prompt(entry["name"], ids, len(ids) > config.sliding_window))
+    return prompts
+
+
+def load_heldout(tokenizer: GemmaTokenizer, path: Path = HELDOUT_FILE) -> list[int]:
+    return tokenizer.encode(path.read_text(encoding="utf-8"))[:HELDOUT_MAX_TOKENS]
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+@dataclass
+class ReferenceRun:
+    prompt: Prompt
+    tokens: list[int]  # the reference's greedy tokens
+    step_logits: list[np.ndarray]  # step k: logits from which tokens[k] was chosen
+
+
+def greedy_run(runner: Runner, prompt_ids: Sequence[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and each step's logits (no stop tokens: every step of every runner is comparable)."""
+    logits = [runner.prefill(prompt_ids)]
+    tokens = [int(logits[-1].argmax())]
+    while len(tokens) < steps:
+        logits.append(runner.decode(tokens[-1]))
+        tokens.append(int(logits[-1].argmax()))
+    return tokens, logits
+
+
+def teacher_forced_logits(runner: Runner, prompt_ids: Sequence[int], forced_tokens: Sequence[int]) -> list[np.ndarray]:
+    """The runner's logits at every step when it is fed the reference's tokens instead of its own."""
+    logits = [runner.prefill(prompt_ids)]
+    for token in forced_tokens[:-1]:
+        logits.append(runner.decode(token))
+    return logits
+
+
+def reference_runs(reference: Runner, prompts: Sequence[Prompt], steps: int) -> list[ReferenceRun]:
+    return [ReferenceRun(prompt, *greedy_run(reference, prompt.ids, steps)) for prompt in prompts]
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def step_metrics(reference: np.ndarray, run: np.ndarray) -> dict[str, float]:
+    """How far one step's logits are from the reference's. Non-finite logits make the distances NaN."""
+    difference = np.abs(reference.astype(np.float64) - run.astype(np.float64))
+    norms = float(np.linalg.norm(reference) * np.linalg.norm(run))
+    reference_log, run_log = log_softmax(reference), log_softmax(run)
+    top_reference = set(np.argsort(reference)[-TOP_K_OVERLAP:].tolist())
+    top_run = set(np.argsort(run)[-TOP_K_OVERLAP:].tolist())
+    return {
+        "max_abs_logit_diff": float(difference.max()),
+        "mean_abs_logit_diff": float(difference.mean()),
+        "cosine": float(reference.astype(np.float64) @ run.astype(np.float64) / norms) if norms else float("nan"),
+        "kl_divergence": float((np.exp(reference_log) * (reference_log - run_log)).sum()),
+        "top1_agrees": bool(reference.argmax() == run.argmax()),
+        "top5_overlap": len(top_reference & top_run) / TOP_K_OVERLAP,
+        "nonfinite_logits": int((~np.isfinite(run)).sum()),
+    }
+
+
+def matching_prefix(tokens: Sequence[int], reference: Sequence[int]) -> int:
+    """Number of leading steps at which the two greedy runs chose the same token."""
+    for step, (mine, theirs) in enumerate(zip(tokens, reference)):
+        if mine != theirs:
+            return step
+    return min(len(tokens), len(reference))
+
+
+def perplexity(runner: Runner, ids: Sequence[int]) -> float:
+    """exp(mean negative log-likelihood) of ids[1:], each predicted from the ones before it."""
+    logits = runner.prefill(ids[:1])
+    total = 0.0
+    for index, token in enumerate(ids[1:], start=1):
+        total -= float(log_softmax(logits)[token])
+        if index < len(ids) - 1:
+            logits = runner.decode(token)
+    return math.exp(total / (len(ids) - 1))
+
+
+# ---------------------------------------------------------------------------------------------- comparison
+
+def compare_prompt(runner: Runner, reference: ReferenceRun) -> dict[str, Any]:
+    forced = teacher_forced_logits(runner, reference.prompt.ids, reference.tokens)
+    steps = [step_metrics(mine, theirs) for theirs, mine in zip(reference.step_logits, forced)]
+    own_tokens, _ = greedy_run(runner, reference.prompt.ids, len(reference.tokens))
+    return {"prompt": reference.prompt.name, "prompt_tokens": len(reference.prompt.ids),
+            "crosses_window": reference.prompt.crosses_window, "steps": steps,
+            "greedy_match_steps": matching_prefix(own_tokens, reference.tokens),
+            "greedy_tokens": own_tokens, "reference_tokens": reference.tokens}
+
+
+def summarize(prompts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    steps = [step for prompt in prompts for step in prompt["steps"]]
+    return {
+        "max_abs_logit_diff": max(step["max_abs_logit_diff"] for step in steps),
+        "mean_abs_logit_diff": float(np.mean([step["mean_abs_logit_diff"] for step in steps])),
+        "min_cosine": min(step["cosine"] for step in steps),
+        "max_kl_divergence": max(step["kl_divergence"] for step in steps),
+        "mean_kl_divergence": float(np.mean([step["kl_divergence"] for step in steps])),
+        "top1_agreement": sum(step["top1_agrees"] for step in steps) / len(steps),
+        "top5_overlap": float(np.mean([step["top5_overlap"] for step in steps])),
+        "nonfinite_logits": sum(step["nonfinite_logits"] for step in steps),
+        "greedy_match_steps": min(prompt["greedy_match_steps"] for prompt in prompts),
+        "greedy_steps": min(len(prompt["reference_tokens"]) for prompt in prompts),
+    }
+
+
+def failures(summary: dict[str, Any], prompts: Sequence[dict[str, Any]], thresholds: Thresholds) -> list[str]:
+    """Each failed criterion, named with the measured value and the limit."""
+    found = []
+    if summary["nonfinite_logits"]:
+        found.append(f"{summary['nonfinite_logits']} NaN/Inf logits")
+    limit = thresholds.max_abs_logit_diff
+    # `not <=` so that a NaN difference fails too.
+    if limit is not None and not summary["max_abs_logit_diff"] <= limit:
+        found.append(f"max |Δlogit| {summary['max_abs_logit_diff']:.3g} > {limit:.3g}")
+    floor = thresholds.min_top1_agreement
+    if floor is not None and summary["top1_agreement"] < floor:
+        found.append(f"top-1 agreement {summary['top1_agreement']:.1%} < {floor:.0%}")
+    if thresholds.greedy_identical:
+        for prompt in prompts:
+            if prompt["greedy_match_steps"] < len(prompt["reference_tokens"]):
+                found.append(f"greedy run leaves the reference at step {prompt['greedy_match_steps']} of "
+                             f"{len(prompt['reference_tokens'])} (prompt {prompt['prompt']!r})")
+    return found
+
+
+def compare_runner(runner: Runner, references: Sequence[ReferenceRun], heldout_ids: Sequence[int],
+                   thresholds: Thresholds) -> dict[str, Any]:
+    prompts = [compare_prompt(runner, reference) for reference in references]
+    summary = summarize(prompts)
+    failed = failures(summary, prompts, thresholds)
+    return {"runner": runner.name, **runner.spec.to_dict(), "verdict": "FAIL" if failed else "PASS",
+            "failures": failed, "thresholds": asdict(thresholds), **summary,
+            "perplexity": perplexity(runner, heldout_ids), "size_bytes": runner.size_bytes, "prompts": prompts}
+
+
+def crashed_result(name: str, spec: dict[str, str], error: BaseException) -> dict[str, Any]:
+    """A runner that raised while opening or running fails with the error as its reason."""
+    return {"runner": name, **spec, "verdict": "FAIL", "failures": [f"crashed: {type(error).__name__}: {error}"],
+            "prompts": []}
+
+
+def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, str], Callable[[], Runner]]],
+                prompts: Sequence[Prompt], heldout_ids: Sequence[int], steps: int,
+                thresholds: Callable[[str], Thresholds],
+                on_runner: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The reference's own row (its perplexity, verdict "reference") and one compared row per runner. Each
+    runner is opened only when its turn comes and dropped after, so one runtime's memory at a time."""
+    references = reference_runs(reference, prompts, steps)
+    rows = [{"runner": reference.name, **reference.spec.to_dict(), "verdict": "reference", "failures": [],
+             "perplexity": perplexity(reference, heldout_ids), "size_bytes": reference.size_bytes,
+             "prompts": [{"prompt": run.prompt.name, "prompt_tokens": len(run.prompt.ids),
+                          "crosses_window": run.prompt.crosses_window, "reference_tokens": run.tokens}
+                         for run in references]}]
+    for name, spec, open_runner in open_runners:
+        if on_runner is not None:
+            on_runner(name)
+        try:
+            runner = open_runner()
+            rows.append(compare_runner(runner, references, heldout_ids, thresholds(runner.precision)))
+        except Exception as error:  # noqa: BLE001 — one broken runtime must not hide the others' verdicts
+            rows.append(crashed_result(name, spec, error))
+    return rows

@@ -1,0 +1,354 @@
+"""artifacts/<slug>/report/: report.json (everything), report.md (one table to read in ten seconds) and
+report.html (self-contained: inline CSS, plots as base64 PNGs).
+
+`validate` and `bench` each save their piece (validation.json, bench.json) into the report folder;
+`write_report` merges whatever pieces exist with the machine's description and renders the three files.
+Every file is written to a temporary name and moved into place, so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import platform
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from exporters.artifact import library_versions
+
+PIECES = ("validation", "bench")
+ZERO_DIFFERENCE_FLOOR = 1e-9  # where an exact 0 is drawn on the log axis
+EXTRA_VERSIONED_PACKAGES = ("numpy", "tokenizers", "matplotlib", "click")
+
+
+def report_dir(artifacts_root: Path, slug: str) -> Path:
+    return Path(artifacts_root) / slug / "report"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and ±Inf (a runner that produced non-finite logits) as null: strict JSON readers refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def json_text(data: dict[str, Any]) -> str:
+    return json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+
+
+def save_piece(folder: Path, name: str, data: dict[str, Any]) -> None:
+    write_atomic(folder / f"{name}.json", json_text(data))
+
+
+def load_pieces(folder: Path) -> dict[str, Any]:
+    return {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+            for name in PIECES if (folder / f"{name}.json").is_file()}
+
+
+# ------------------------------------------------------------------------------------------------ machine
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+            "ram_bytes": psutil.virtual_memory().total, "os": platform.platform(), "machine": platform.machine()}
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata
+
+    found = library_versions()
+    for package in EXTRA_VERSIONED_PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def build_report(folder: Path) -> dict[str, Any]:
+    pieces = load_pieces(folder)
+    model = next((piece["model"] for piece in pieces.values() if "model" in piece), {})
+    return {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": model,
+            "machine": machine_info(), "versions": versions(), **pieces}
+
+
+# ------------------------------------------------------------------------------------------------- table
+
+def rows_by_runner(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per runner: its validation result with its benchmark beside it (under "bench")."""
+    speed = {row["runner"]: row for row in report.get("bench", {}).get("runners", [])}
+    rows = [dict(row, bench=speed.pop(row["runner"], {})) for row in report.get("validation", {}).get("runners", [])]
+    rows += [{"runner": name, "backend": row["backend"], "precision": row["precision"], "device": row["device"],
+              "verdict": "not validated", "failures": [], "bench": row} for name, row in speed.items()]
+    return rows
+
+
+def number(value: Any, pattern: str) -> str:
+    return "—" if value is None else format(value, pattern)
+
+
+def size_text(size: Any) -> str:
+    return "—" if size is None else f"{size / 2**20:.1f} MiB"
+
+
+def summary_cells(row: dict[str, Any]) -> list[str]:
+    bench = row["bench"]
+    greedy = (f"{row['greedy_match_steps']}/{row['greedy_steps']}" if "greedy_match_steps" in row else "—")
+    top1 = row.get("top1_agreement")
+    return [row["backend"], row["precision"], row["device"], row["verdict"],
+            number(row.get("max_abs_logit_diff"), ".2e"), "—" if top1 is None else f"{100 * top1:.1f}", greedy,
+            number(bench.get("decode_tokens_per_second"), ".1f"), number(bench.get("percent_of_ceiling"), ".0f"),
+            size_text(row.get("size_bytes", bench.get("size_bytes")))]
+
+
+SUMMARY_HEADER = ["backend", "precision", "device", "verdict", "max abs Δlogit", "top-1 %", "greedy match",
+                  "decode tok/s", "% ceiling", "size"]
+
+
+def skipped_entries(report: dict[str, Any]) -> list[dict[str, str]]:
+    entries = report.get("validation", {}).get("skipped", []) + report.get("bench", {}).get("skipped", [])
+    unique = {(entry["runner"], entry["reason"]): entry for entry in entries}
+    return list(unique.values())
+
+
+def markdown(report: dict[str, Any]) -> str:
+    model = report.get("model", {})
+    lines = [f"# Validation report: {model.get('slug', '?')}", "",
+             f"Model `{model.get('model_id', '?')}` · {report['machine']['cpu']} · {report['generated_at']}", "",
+             "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
+    rows = rows_by_runner(report)
+    lines += ["| " + " | ".join(summary_cells(row)) + " |" for row in rows]
+    failing = [row for row in rows if row["failures"]]
+    if failing:
+        lines += ["", "## Failures", ""]
+        lines += [f"- **{row['runner']}**: {'; '.join(row['failures'])}" for row in failing]
+    skipped = skipped_entries(report)
+    if skipped:
+        lines += ["", "## Skipped", ""] + [f"- {entry['runner']}: {entry['reason']}" for entry in skipped]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+def figure_png(figure: Any) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def new_figure(height: float = 3.6) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(10, height))
+    axes.grid(True, alpha=0.3)
+    return figure, axes
+
+
+def close(figure: Any) -> None:
+    from matplotlib import pyplot
+
+    pyplot.close(figure)
+
+
+def logit_difference_plot(rows: Sequence[dict[str, Any]]) -> str | None:
+    """Max |Δlogit| per teacher-forced step, the prompts one after another, one line per runner."""
+    compared = [row for row in rows if any(prompt.get("steps") for prompt in row.get("prompts", []))]
+    if not compared:
+        return None
+    figure, axes = new_figure()
+    for row in compared:
+        values = [max(step["max_abs_logit_diff"], ZERO_DIFFERENCE_FLOOR)
+                  for prompt in row["prompts"] for step in prompt["steps"]]
+        axes.plot(range(len(values)), values, marker=".", label=row["runner"])
+    offset = 0
+    for prompt in compared[0]["prompts"]:
+        axes.axvline(offset - 0.5, color="grey", linestyle=":")
+        axes.text(offset, 1.02, prompt["prompt"], transform=axes.get_xaxis_transform(), fontsize=8)
+        offset += len(prompt["steps"])
+    axes.set_yscale("log")
+    axes.set_xlabel("teacher-forced step (prompts in order)")
+    axes.set_ylabel("max |Δlogit| vs reference")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    try:
+        return figure_png(figure)
+    finally:
+        close(figure)
+
+
+def top1_plot(rows: Sequence[dict[str, Any]]) -> str | None:
+    compared = [row for row in rows if row.get("top1_agreement") is not None]
+    if not compared:
+        return None
+    figure, axes = new_figure(0.45 * len(compared) + 1.2)
+    names = [row["runner"] for row in compared]
+    values = [100 * row["top1_agreement"] for row in compared]
+    colors = ["#2e7d32" if row["verdict"] == "PASS" else "#c62828" for row in compared]
+    axes.barh(names, values, color=colors)
+    for index, row in enumerate(compared):
+        floor = row["thresholds"].get("min_top1_agreement")
+        if floor is not None:
+            axes.plot([100 * floor] * 2, [index - 0.4, index + 0.4], color="black", linewidth=2)
+        axes.text(values[index], index, f" {values[index]:.1f} %", va="center", fontsize=8)
+    axes.set_xlim(0, 108)
+    axes.invert_yaxis()
+    axes.set_xlabel("top-1 agreement with the reference, % of steps (black tick: required)")
+    try:
+        return figure_png(figure)
+    finally:
+        close(figure)
+
+
+def decode_speed_plot(rows: Sequence[dict[str, Any]]) -> str | None:
+    measured = [row for row in rows if row["bench"].get("decode_tokens_per_second") is not None]
+    if not measured:
+        return None
+    figure, axes = new_figure(0.45 * len(measured) + 1.2)
+    names = [row["runner"] for row in measured]
+    axes.barh(names, [row["bench"]["decode_tokens_per_second"] for row in measured], color="#1565c0",
+              label="decode tok/s (median)")
+    for index, row in enumerate(measured):
+        ceiling = row["bench"]["ceiling_tokens_per_second"]
+        axes.plot([ceiling] * 2, [index - 0.45, index + 0.45], color="#e65100", linewidth=2.5,
+                  label="memory-bandwidth ceiling" if index == 0 else None)
+    axes.set_xscale("log")
+    axes.invert_yaxis()
+    axes.set_xlabel("tokens per second (log)")
+    axes.legend(fontsize=8, loc="lower right")
+    try:
+        return figure_png(figure)
+    finally:
+        close(figure)
+
+
+# -------------------------------------------------------------------------------------------------- html
+
+STYLE = """
+body { font: 14px/1.45 -apple-system, 'Segoe UI', Roboto, sans-serif; margin: 24px auto; max-width: 1150px;
+       color: #1b1b1b; }
+h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; }
+.meta { color: #555; }
+table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+th, td { padding: 4px 8px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+th:nth-child(-n+4), td:nth-child(-n+4) { text-align: left; }
+th { background: #f3f3f3; }
+.PASS { color: #2e7d32; font-weight: 600; } .FAIL { color: #c62828; font-weight: 600; }
+.reference { color: #555; font-weight: 600; }
+img { max-width: 100%; }
+li { margin: 2px 0; }
+"""
+
+DETAIL_HEADER = ["backend", "precision", "device", "verdict", "max abs Δlogit", "mean abs Δlogit", "min cosine",
+                 "max KL", "top-1 %", "top-5 overlap", "NaN/Inf", "greedy match", "perplexity", "load s",
+                 "TTFT ms", "prefill tok/s", "decode tok/s", "% ceiling", "peak RSS", "size"]
+
+
+def detail_cells(row: dict[str, Any]) -> list[str]:
+    bench = row["bench"]
+    summary = summary_cells(row)
+    ttft = bench.get("time_to_first_token_seconds")
+    rss = bench.get("peak_rss_bytes")
+    return [*summary[:5], number(row.get("mean_abs_logit_diff"), ".2e"), number(row.get("min_cosine"), ".6f"),
+            number(row.get("max_kl_divergence"), ".2e"), summary[5], number(row.get("top5_overlap"), ".2f"),
+            number(row.get("nonfinite_logits"), "d"), summary[6], number(row.get("perplexity"), ".2f"),
+            number(bench.get("load_seconds"), ".2f"), "—" if ttft is None else f"{1000 * ttft:.1f}",
+            number(bench.get("prefill_tokens_per_second"), ".0f"), summary[7], summary[8],
+            size_text(rss), summary[9]]
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f'<td class="{html.escape(cell)}">{html.escape(cell)}</td>' if index == 3
+                                    else f"<td>{html.escape(cell)}</td>" for index, cell in enumerate(row)) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_list(items: Sequence[str]) -> str:
+    return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+
+
+def html_plot(title: str, png: str | None, caption: str) -> str:
+    if png is None:
+        return ""
+    return (f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
+            f"<p class='meta'>{html.escape(caption)}</p>")
+
+
+def html_report(report: dict[str, Any]) -> str:
+    model, machine = report.get("model", {}), report["machine"]
+    rows = rows_by_runner(report)
+    validation, bench = report.get("validation", {}), report.get("bench", {})
+    failing = [f"<b>{html.escape(row['runner'])}</b>: {html.escape('; '.join(row['failures']))}"
+               for row in rows if row["failures"]]
+    skipped = [f"{html.escape(entry['runner'])}: {html.escape(entry['reason'])}" for entry in skipped_entries(report)]
+    prompts = [f"{html.escape(p['prompt'])}: {p['prompt_tokens']} tokens"
+               f"{' (crosses the sliding window)' if p['crosses_window'] else ''}"
+               for p in (rows[0]["prompts"] if rows and rows[0].get("prompts") else [])]
+    bandwidth = bench.get("read_bandwidth_bytes_per_second")
+    machine_line = (f"{machine['cpu']} · {machine['logical_cores']} logical cores · "
+                    f"{machine['ram_bytes'] / 2**30:.0f} GiB RAM · {machine['os']}"
+                    + (f" · read bandwidth {bandwidth / 1e9:.1f} GB/s" if bandwidth else ""))
+    parts = [
+        f"<h1>Validation report: {html.escape(model.get('slug', '?'))}</h1>",
+        f"<p class='meta'>Model <code>{html.escape(model.get('model_id', '?'))}</code> · "
+        f"{html.escape(machine_line)} · {html.escape(report['generated_at'])}</p>",
+        html_table(DETAIL_HEADER, [detail_cells(row) for row in rows]),
+        "<h2>Failures</h2>" + html_list(failing) if failing else "",
+        "<h2>Skipped</h2>" + html_list(skipped) if skipped else "",
+        html_plot("Max |Δlogit| per step", logit_difference_plot(rows),
+                  f"Teacher forcing: every runner is fed the reference's greedy tokens. Log scale; exact zeros are "
+                  f"drawn at {ZERO_DIFFERENCE_FLOOR:g}."),
+        html_plot("Top-1 agreement", top1_plot(rows), "Green: PASS, red: FAIL."),
+        html_plot("Decode speed", decode_speed_plot(rows),
+                  "Orange: the memory-bandwidth ceiling, read bandwidth ÷ weight bytes read per token."),
+        "<h2>Prompts</h2>" + html_list(prompts) if prompts else "",
+        f"<h2>Versions</h2><p class='meta'>{html.escape(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}"
+        f"</p>",
+        f"<p class='meta'>Steps per prompt: {validation.get('max_new_tokens', '—')} · held-out tokens for perplexity: "
+        f"{validation.get('heldout_tokens', '—')} · bench settings: "
+        f"{html.escape(json.dumps(bench.get('settings', {})))}</p>",
+    ]
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Validation report "
+            f"{html.escape(model.get('slug', ''))}</title><style>{STYLE}</style></head><body>"
+            + "\n".join(part for part in parts if part) + "</body></html>\n")
+
+
+def write_report(folder: Path) -> dict[str, Path]:
+    """Merge the saved pieces in `folder` into report.json, report.md and report.html; return their paths."""
+    report = build_report(folder)
+    paths = {"json": folder / "report.json", "md": folder / "report.md", "html": folder / "report.html"}
+    write_atomic(paths["json"], json_text(report))
+    write_atomic(paths["md"], markdown(report))
+    write_atomic(paths["html"], html_report(report))
+    return paths
