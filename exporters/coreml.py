@@ -10,7 +10,8 @@ The traced module (`StatefulDecoder`) reuses the reference model's weights but i
 - Sliding layers keep a full `max_context` cache, not a window-length ring: a prefill chunk longer than the
   window would wrap around a ring and need a scatter (which does not convert) or two writes per chunk; with
   full-length buffers every layer has one write pattern and the window lives in the mask. The price is
-  memory (at 2048 tokens 34 MB of fp16 cache instead of 11 MB; at 32k, 600 MB instead of 80 MB).
+  memory (270M, fp16: 38 MB of cache at 2048 tokens instead of 14 MB; at 32k, 604 MB instead of 109 MB).
+  Core ML states hold fp16 only, so every package, fp32 included, caches keys/values in fp16.
 - Inputs: `input_ids` int32 [1, query_length] (query_length ∈ `query_lengths`, `ct.EnumeratedShapes`, which
   keeps the Neural Engine usable) and `cache_position` int32 [1], the cache index of the first token. The
   causal and sliding-window masks are built inside from the position (no mask input to get wrong, no
@@ -19,8 +20,9 @@ The traced module (`StatefulDecoder`) reuses the reference model's weights but i
   512 × 262,144 values per prefill chunk and a 512-row LM head product that nobody reads.
 - fp16: Gemma's residual stream reaches ~1.0e5 on the real weights (layer 14, measured), past fp16's 65,504,
   and x² in an RMSNorm overflows from |x| ≈ 256. So the residual stream is carried divided by
-  `RESIDUAL_SCALE` (RMSNorm is scale-invariant: only the embedding scale and the two post-norms, which feed
-  the residual, change) and every RMSNorm divides by max |x| before squaring.
+  `RESIDUAL_SCALE` (RMSNorm is scale-invariant: the embedding scale and the two post-norms that feed the
+  residual divide by it, the norms that read it divide sqrt(eps) by it) and every RMSNorm divides by max |x|
+  before squaring.
 - LM head: the tied 262,144 × 640 embedding is held as `lm_head_chunks` constants of ≤ 16,384 rows (the
   Neural Engine's dimension limit); the head is their products concatenated, and the embedding lookup
   gathers from the same constants, so the package stores the matrix once.
@@ -234,8 +236,7 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp16", max_conte
     register_int_of_one_element()
     mlmodel = ct.convert(
         traced,
-        inputs=[ct.TensorType("input_ids", shape=ct.EnumeratedShapes([(1, n) for n in query_lengths],
-                                                                      default=(1, 1)), dtype=np.int32),
+        inputs=[ct.TensorType("input_ids", shape=input_ids_shape(query_lengths), dtype=np.int32),
                 ct.TensorType("cache_position", shape=(1,), dtype=np.int32)],
         outputs=[ct.TensorType("logits", dtype=np.float32)],
         states=state_types(config, max_context),
@@ -279,6 +280,15 @@ def check_options(config: Gemma3Config, precision: str, max_context: int, query_
     return tuple(sorted(set(query_lengths)))
 
 
+def input_ids_shape(query_lengths: tuple[int, ...]) -> Any:
+    """Enumerated shapes (the Neural Engine accepts these, not ranges); one length is a fixed shape."""
+    import coremltools as ct
+
+    if len(query_lengths) == 1:
+        return (1, query_lengths[0])
+    return ct.EnumeratedShapes([(1, n) for n in query_lengths], default=(1, 1))
+
+
 def report(progress: Progress, step: str) -> None:
     if progress is not None:
         progress(step)
@@ -315,16 +325,19 @@ def register_int_of_one_element() -> None:
 
 def compress(mlmodel: Any, precision: str) -> Any:
     """int8: per-output-channel symmetric weights; int4: symmetric blocks of 32 along the input dimension.
-    Compute stays fp16. Only weights of `linear` ops are compressed: the RoPE tables (gather) and the norm
-    gains (too small) stay fp16, while the tied embedding is compressed through the LM head that shares it."""
+    Compute stays fp16. The weights of `linear` ops are compressed, and the `gather`s that read the same
+    constants (the tied embedding) with them; the RoPE tables (gathered too) and the norm gains stay fp16."""
     import coremltools.optimize.coreml as cto
 
     if precision == "int8":
-        linear = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+        weights = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
     else:
-        linear = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
-                                             block_size=INT4_BLOCK_SIZE)
-    config = cto.OptimizationConfig(global_config=None, op_type_configs={"linear": linear})
+        weights = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                              block_size=INT4_BLOCK_SIZE)
+    rope_lookups = [op.name for op in mlmodel._mil_program.functions["main"].operations
+                    if op.op_type == "gather" and op.x.name.startswith("rope_")]
+    config = cto.OptimizationConfig(global_config=None, op_type_configs={"linear": weights, "gather": weights},
+                                    op_name_configs={name: None for name in rope_lookups})
     return cto.linear_quantize_weights(mlmodel, config)
 
 

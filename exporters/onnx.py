@@ -40,6 +40,9 @@ from exporters.signature import ExportedVariant, decoder_io, past_names
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx", "int4": "model_q4.onnx"}
 QUANTIZED_BITS = {"int8": 8, "int4": 4}
 QUANTIZATION_BLOCK_SIZE = 32
+# MatMulNBits accuracy level 4 quantizes activations to int8 per block on CPU: on the real 270M, 8-bit weights
+# decode 30x faster than at level 0 (which dequantizes every weight each call) and 4-bit 1.6x, same top-1.
+QUANTIZATION_ACCURACY_LEVEL = 4
 OPSET = 18
 # torch.export specializes dimensions of size 0 and 1, so the sample inputs use ≥ 2 on every dynamic axis;
 # `check_edge_shapes` then runs the saved graph with past = 0 and seq = 1.
@@ -89,13 +92,14 @@ def external_data_name(model_file: str) -> str:
 
 
 def variant_options(precision: str, kv_dtype: str) -> dict[str, Any]:
-    options: dict[str, Any] = {"external_data": True, "kv_dtype": kv_dtype,
-                               "weights_dtype": {"fp32": "float32", "fp16": "float16"}.get(precision, "float32")}
+    options: dict[str, Any] = {"external_data": True, "kv_dtype": kv_dtype}
     if precision in QUANTIZED_BITS:
         options["quantization"] = {
             "method": "MatMulNBits", "bits": QUANTIZED_BITS[precision], "block_size": QUANTIZATION_BLOCK_SIZE,
-            "symmetric": False, "lm_head": "MatMulNBits",
+            "symmetric": False, "accuracy_level": QUANTIZATION_ACCURACY_LEVEL, "lm_head": "MatMulNBits",
             "embedding": "GatherBlockQuantized" if precision == "int4" else "float32 Gather"}
+    else:
+        options["weights_dtype"] = "float16" if precision == "fp16" else "float32"
     return options
 
 
@@ -225,7 +229,8 @@ def quantize(graph: ir.Model, bits: int) -> ir.Model:
     op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
     quantizer_class = matmul_nbits_quantizer_class()
     quantizer = quantizer_class(ir.serde.serialize_model(graph), bits=bits, block_size=QUANTIZATION_BLOCK_SIZE,
-                                is_symmetric=False, op_types_to_quantize=op_types)
+                                is_symmetric=False, accuracy_level=QUANTIZATION_ACCURACY_LEVEL,
+                                op_types_to_quantize=op_types)
     quantizer.process()
     return ir.serde.deserialize_model(quantizer.model.model)
 

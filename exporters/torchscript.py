@@ -30,7 +30,8 @@ METADATA_FILE = "decoder.json"
 # Trace-time sizes, all ≥ 2 and all different, so that a size baked into the graph by mistake cannot pass
 # the verification (batch 3, seq 1 and 2, past 0 and beyond the sliding window).
 EXAMPLE_SHAPES = {"batch": 2, "seq": 3, "past": 4}
-# Logit tolerance of the verification against the eager model of the same precision.
+# Logit tolerance of the verification against the eager model of the same precision (both run the same
+# kernels: the measured difference is 0 on the tiny model, and within these on the real one).
 VERIFY_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
 
 Progress = Callable[[str], None] | None

@@ -13,6 +13,9 @@ from exporters.artifact import Bundle
 from exporters.registry import FORMATS, check_precisions, export_bundle
 from gemma_export.errors import entry_point
 from gemma_export.progress import StepProgress
+from gemma_export.validation_commands import finish, run_bench, run_validation, selection_from, write_report
+from gemma_export.validation_commands import register as register_validation_commands
+from validation.bench import BenchSettings
 from model.generate import GenerationResult, Sampling, generate
 from model.loading import DEFAULT_MODEL, DTYPES, load
 from model.tokenizer import GemmaTokenizer
@@ -103,4 +106,32 @@ def bundle_summary(bundle: Bundle, seconds: float) -> str:
     return "\n".join(lines)
 
 
+@cli.command("all")
+@model_options
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
+@click.option("--formats", multiple=True, type=click.Choice(list(FORMATS)), help="Repeatable; default: all.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = every core.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...], threads: int,
+                max_new_tokens: int, decode_tokens: int, repeats: int) -> None:
+    """Export every format and precision, validate, bench and report (what the host can't run is skipped,
+    and the report says why)."""
+    loaded = load(model_id, revision=revision)
+    for fmt in formats or FORMATS:
+        started = time.perf_counter()
+        with StepProgress(f"export {fmt}") as progress:
+            bundle = export_bundle(loaded, fmt, list(FORMATS[fmt].precisions), out_dir, progress=progress)
+        click.echo(bundle_summary(bundle, time.perf_counter() - started))
+    selection = selection_from(formats, (), (), (), ())
+    validation = run_validation(loaded, out_dir, selection, max_new_tokens=max_new_tokens, threads=threads)
+    bench = run_bench(loaded, out_dir, selection, BenchSettings(threads=threads, decode_tokens=decode_tokens,
+                                                                 repeats=repeats))
+    paths = write_report(out_dir, loaded.weights.slug)
+    finish(validation, paths, "validation")  # exits non-zero naming failing runners before bench is judged
+    finish(bench, paths, "bench")
+
+
+register_validation_commands(cli)
 main = entry_point(cli)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 import traceback
@@ -18,11 +19,12 @@ EXIT_INTERRUPTED = 130
 
 def run_cli(group: click.Group, args: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if args is None else args)
-    if not debug:  # tracer/exporter warnings are for developers; --debug shows them
+    if not debug:  # tracer/exporter/coremltools warnings are for developers; --debug shows them
         warnings.filterwarnings("ignore")
+        logging.disable(logging.WARNING)
     try:
-        group.main(args=args, prog_name="gemma-export", standalone_mode=False)
-        return 0
+        # Without standalone mode click *returns* the code of ctx.exit(n) instead of raising it.
+        return group.main(args=args, prog_name="gemma-export", standalone_mode=False) or 0
     except click.exceptions.Exit as done:
         return done.exit_code
     except click.Abort:

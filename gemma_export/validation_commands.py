@@ -19,7 +19,7 @@ from validation.bench import BenchJob, BenchSettings, bench_all
 from validation.compare import compare_all, load_heldout, load_prompts, thresholds_for
 from validation.runners import (COREML_COMPUTE_UNITS, FORMAT_CHOICES, IN_MEMORY_FORMAT, ONNX_PROVIDERS,
                                 REFERENCE_SPEC, TORCH_DEVICES, BundleProblem, Host, RunnerSpec, Selection,
-                                available_specs, load_bundles, make_runner)
+                                available_specs, load_bundles, make_runner, set_thread_count)
 
 EXIT_VALIDATION_FAILED = 1
 
@@ -72,21 +72,23 @@ def model_entry(loaded: LoadedModel) -> dict[str, str]:
 
 def run_validation(loaded: LoadedModel, artifacts_root: Path, selection: Selection = Selection(),
                    max_new_tokens: int = 32, max_abs_logit_diff: float | None = None,
-                   min_top1_agreement: float | None = None) -> Outcome:
+                   min_top1_agreement: float | None = None, threads: int = 0) -> Outcome:
     """Compare every available runner with the reference; save validation.json into the report folder."""
     specs, bundles, skipped, errors = prepare(loaded, artifacts_root, selection)
+    set_thread_count(threads)
     model, config = loaded.model, loaded.model.config
     prompts = load_prompts(loaded.tokenizer, config, max_new_tokens)
     heldout = load_heldout(loaded.tokenizer)
     longest = max(len(prompt.ids) for prompt in prompts) + max_new_tokens
-    reference = make_runner(REFERENCE_SPEC, bundles, model, max_length=max(longest, len(heldout)))
+    max_length = max(longest, len(heldout))
+    reference = make_runner(REFERENCE_SPEC, bundles, model, max_length=max_length)
     compared = [spec for spec in specs if spec != REFERENCE_SPEC]
     with tqdm(total=len(compared) + 1, desc="validate", unit="runner") as bar:
         def advance(name: str) -> None:
             bar.set_postfix_str(name)
             bar.update(1)
         openers = [(spec.name, spec.to_dict(),
-                    lambda spec=spec: make_runner(spec, bundles, model, max_length=max(longest, len(heldout))))
+                    lambda spec=spec: make_runner(spec, bundles, model, max_length=max_length, threads=threads))
                    for spec in compared]
         bar.set_postfix_str("reference")
         rows = compare_all(reference, openers, prompts, heldout, max_new_tokens,
@@ -137,8 +139,9 @@ def finish(outcome: Outcome, paths: dict[str, Path], what: str) -> None:
         raise UserError("; ".join(outcome.bundle_errors))
     if outcome.failed_runners:
         click.echo(f"{what} failed for: {', '.join(outcome.failed_runners)}", err=True)
-        sys.stdout.flush()
-        raise click.exceptions.Exit(EXIT_VALIDATION_FAILED)
+        # SystemExit, not click's Exit: with standalone_mode=False click *returns* an Exit's code, and
+        # gemma_export.errors.run_cli does not pass that return value on.
+        sys.exit(EXIT_VALIDATION_FAILED)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -173,17 +176,19 @@ def selection_from(formats: tuple[str, ...], precisions: tuple[str, ...], device
 @selection_options
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Greedy steps compared per prompt.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Threads of the PyTorch and ONNX Runtime runners; 0 = every core.")
 @click.option("--max-logit-diff", type=click.FloatRange(min=0), default=None,
               help="Override the max |Δlogit| limit (default: fp32 1e-3 tiny / 5e-3 real; none for others).")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
               help="Override the top-1 agreement floor, as a fraction (default: fp16/bf16 0.99, int8 0.98, int4 0.97).")
 def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
                      devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
-                     max_new_tokens: int, max_logit_diff: float | None, min_top1: float | None) -> None:
+                     max_new_tokens: int, threads: int, max_logit_diff: float | None, min_top1: float | None) -> None:
     """Compare every exported runner with the PyTorch reference; write artifacts/<model>/report/."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)
     loaded = load(model_id)
-    outcome = run_validation(loaded, out_dir, selection, max_new_tokens, max_logit_diff, min_top1)
+    outcome = run_validation(loaded, out_dir, selection, max_new_tokens, max_logit_diff, min_top1, threads)
     finish(outcome, write_report(out_dir, loaded.weights.slug), "validation")
 
 

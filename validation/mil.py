@@ -15,7 +15,8 @@ An op outside `OPS` fails at load time with its name, before any numbers are pro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ def linear(op: Any, a: dict[str, Any], weight_cache: dict[int, np.ndarray]) -> n
     key = id(weight)
     if key not in weight_cache:
         weight_cache[key] = np.ascontiguousarray(as_float32(weight).T)
-    out = as_float32(a["x"]) @ weight_cache[key]
+    out = matmul32(as_float32(a["x"]), weight_cache[key])
     return out + as_float32(a["bias"]) if a.get("bias") is not None else out
 
 
@@ -128,7 +129,13 @@ def matmul(op: Any, a: dict[str, Any]) -> np.ndarray:
         x = np.swapaxes(x, -1, -2)
     if a.get("transpose_y"):
         y = np.swapaxes(y, -1, -2)
-    return np.matmul(x, y)
+    return matmul32(x, y)
+
+
+def matmul32(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """float32 matrix product through torch's BLAS: numpy's matmul falls back to a slow loop for stacked or
+    transposed operands, and this runner must decode the 270M model at a few tokens per second."""
+    return torch.matmul(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))).numpy()
 
 
 def softmax(op: Any, a: dict[str, Any]) -> np.ndarray:
@@ -145,13 +152,19 @@ def scaled_dot_product_attention(op: Any, a: dict[str, Any]) -> np.ndarray:
     """softmax(q kᵀ / sqrt(E) + mask) v; a bool mask keeps True positions (False → -inf). Intermediates are
     rounded to the program's dtype, as the op's fp16 decomposition would be."""
     dtype = output_dtype(op.outputs[0])
-    q, k, v = as_float32(a["query"]), as_float32(a["key"]), as_float32(a["value"])
-    scores = round_to(np.matmul(q, np.swapaxes(k, -1, -2)) * np.float32(1 / math.sqrt(q.shape[-1])), dtype)
+    q, k, v = as_float32(a["query"]), a["key"], a["value"]
     mask = a.get("attn_mask")
+    if mask is not None and mask.dtype == np.bool_:
+        # Keys no query may see get weight exactly 0: leave them out (a decode step at position p of a
+        # 2048-slot cache reads p + 1 keys, not 2048). The result is the same.
+        visible = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
+        k, v, mask = np.take(k, visible, axis=-2), np.take(v, visible, axis=-2), np.take(mask, visible, axis=-1)
+    k, v = as_float32(k), as_float32(v)
+    scores = round_to(matmul32(q, np.swapaxes(k, -1, -2)) * np.float32(1 / math.sqrt(q.shape[-1])), dtype)
     if mask is not None:
         scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + as_float32(mask)
     weights = round_to(softmax_along(scores, -1), dtype)
-    return np.matmul(weights, v)
+    return matmul32(weights, v)
 
 
 def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -356,12 +369,11 @@ class MILExecutor:
 
     def reset(self) -> None:
         """Every state back to zeros (a fresh `make_state()`)."""
+        from coremltools.converters.mil.mil import types
+
         for name in self.state_names:
-            var = self.function.inputs[name].outputs[0] if hasattr(self.function.inputs[name], "outputs") \
-                else self.function.inputs[name]
-            wrapped = var.sym_type.wrapped_type()
-            from coremltools.converters.mil.mil import types
-            self.states[name] = np.zeros(wrapped.get_shape(), dtype=types.nptype_from_builtin(wrapped.get_primitive()))
+            stored = self.function.inputs[name].sym_type.wrapped_type()
+            self.states[name] = np.zeros(stored.get_shape(), dtype=types.nptype_from_builtin(stored.get_primitive()))
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values: dict[str, Any] = dict(self.constants)
@@ -371,8 +383,9 @@ class MILExecutor:
             arguments = {key: (tuple(values[n] for n in name) if isinstance(name, tuple) else values[name])
                          for key, name in names.items()}
             outputs = self._execute(op, function, arguments)
-            for var, value in zip(op.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
-                values[var.name] = np.asarray(value).astype(output_dtype(var), copy=False)
+            with np.errstate(over="ignore"):  # an fp16 result past 65504 is inf, as on the device
+                for var, value in zip(op.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
+                    values[var.name] = np.asarray(value).astype(output_dtype(var), copy=False)
         return {name: values[name] for name in self.output_names}
 
     def _execute(self, op: Any, function: OpFunction | None, arguments: dict[str, Any]) -> Value:
@@ -465,9 +478,24 @@ class MILRunner:
         from exporters.coreml import check_room
 
         check_room(self.position, len(ids), self.max_context)
-        outputs = self.executor.run({"input_ids": ids[None], "cache_position": np.array([self.position], np.int32)})
+        inputs = {"input_ids": ids[None], "cache_position": np.array([self.position], np.int32)}
+        with single_threaded_products(len(ids) == 1):
+            outputs = self.executor.run(inputs)
         self.position += len(ids)
         return torch.from_numpy(np.asarray(outputs["logits"], dtype=np.float32).reshape(1, -1))
+
+
+@contextmanager
+def single_threaded_products(active: bool) -> Iterator[None]:
+    """One torch thread while `active`: matrix × vector products are memory-bound, and on a busy machine
+    waking a second thread for each of a decode step's ~180 small products costs more than the product."""
+    threads = torch.get_num_threads()
+    if active and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def enumerated_lengths(spec: Any) -> list[int]:

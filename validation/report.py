@@ -133,10 +133,19 @@ SUMMARY_HEADER = ["backend", "precision", "device", "verdict", "max abs Δlogit"
                   "decode tok/s", "% ceiling", "size"]
 
 
-def skipped_entries(report: dict[str, Any]) -> list[dict[str, str]]:
-    entries = report.get("validation", {}).get("skipped", []) + report.get("bench", {}).get("skipped", [])
-    unique = {(entry["runner"], entry["reason"]): entry for entry in entries}
-    return list(unique.values())
+def skipped_by_reason(report: dict[str, Any]) -> dict[str, list[str]]:
+    """The runners validate or bench skipped, grouped under each reason (one line per reason). A skip that
+    the other command's (later or earlier) run did not need is left out: that runner has a row."""
+    ran = {name for row in rows_by_runner(report) for name in (row["runner"], row["backend"])}
+    grouped: dict[str, list[str]] = {}
+    for piece in PIECES:
+        for entry in report.get(piece, {}).get("skipped", []):
+            if entry["runner"] in ran:
+                continue
+            runners = grouped.setdefault(entry["reason"], [])
+            if entry["runner"] not in runners:
+                runners.append(entry["runner"])
+    return grouped
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -150,9 +159,9 @@ def markdown(report: dict[str, Any]) -> str:
     if failing:
         lines += ["", "## Failures", ""]
         lines += [f"- **{row['runner']}**: {'; '.join(row['failures'])}" for row in failing]
-    skipped = skipped_entries(report)
+    skipped = skipped_by_reason(report)
     if skipped:
-        lines += ["", "## Skipped", ""] + [f"- {entry['runner']}: {entry['reason']}" for entry in skipped]
+        lines += ["", "## Skipped", ""] + [f"- {reason}: {', '.join(runners)}" for reason, runners in skipped.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -219,8 +228,8 @@ def top1_plot(rows: Sequence[dict[str, Any]]) -> str | None:
         floor = row["thresholds"].get("min_top1_agreement")
         if floor is not None:
             axes.plot([100 * floor] * 2, [index - 0.4, index + 0.4], color="black", linewidth=2)
-        axes.text(values[index], index, f" {values[index]:.1f} %", va="center", fontsize=8)
-    axes.set_xlim(0, 108)
+        axes.text(101, index, f"{values[index]:.1f} %", va="center", fontsize=8)
+    axes.set_xlim(0, 110)
     axes.invert_yaxis()
     axes.set_xlabel("top-1 agreement with the reference, % of steps (black tick: required)")
     try:
@@ -244,7 +253,7 @@ def decode_speed_plot(rows: Sequence[dict[str, Any]]) -> str | None:
     axes.set_xscale("log")
     axes.invert_yaxis()
     axes.set_xlabel("tokens per second (log)")
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     try:
         return figure_png(figure)
     finally:
@@ -259,7 +268,10 @@ body { font: 14px/1.45 -apple-system, 'Segoe UI', Roboto, sans-serif; margin: 24
 h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; }
 .meta { color: #555; }
 table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
-th, td { padding: 4px 8px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+.scroll { overflow-x: auto; }
+table.details { font-size: 12px; }
+th, td { padding: 4px 6px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+th { white-space: normal; vertical-align: bottom; }
 th:nth-child(-n+4), td:nth-child(-n+4) { text-align: left; }
 th { background: #f3f3f3; }
 .PASS { color: #2e7d32; font-weight: 600; } .FAIL { color: #c62828; font-weight: 600; }
@@ -291,7 +303,8 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     body = "".join("<tr>" + "".join(f'<td class="{html.escape(cell)}">{html.escape(cell)}</td>' if index == 3
                                     else f"<td>{html.escape(cell)}</td>" for index, cell in enumerate(row)) + "</tr>"
                    for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f"<div class='scroll'><table class='details'><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            "</table></div>")
 
 
 def html_list(items: Sequence[str]) -> str:
@@ -311,7 +324,8 @@ def html_report(report: dict[str, Any]) -> str:
     validation, bench = report.get("validation", {}), report.get("bench", {})
     failing = [f"<b>{html.escape(row['runner'])}</b>: {html.escape('; '.join(row['failures']))}"
                for row in rows if row["failures"]]
-    skipped = [f"{html.escape(entry['runner'])}: {html.escape(entry['reason'])}" for entry in skipped_entries(report)]
+    skipped = [f"{html.escape(reason)}: <i>{html.escape(', '.join(runners))}</i>"
+               for reason, runners in skipped_by_reason(report).items()]
     prompts = [f"{html.escape(p['prompt'])}: {p['prompt_tokens']} tokens"
                f"{' (crosses the sliding window)' if p['crosses_window'] else ''}"
                for p in (rows[0]["prompts"] if rows and rows[0].get("prompts") else [])]
@@ -335,8 +349,8 @@ def html_report(report: dict[str, Any]) -> str:
         "<h2>Prompts</h2>" + html_list(prompts) if prompts else "",
         f"<h2>Versions</h2><p class='meta'>{html.escape(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}"
         f"</p>",
-        f"<p class='meta'>Steps per prompt: {validation.get('max_new_tokens', '—')} · held-out tokens for perplexity: "
-        f"{validation.get('heldout_tokens', '—')} · bench settings: "
+        f"<p class='meta'>Steps per prompt: {validation.get('max_new_tokens', '—')} · held-out tokens for "
+        f"perplexity: {validation.get('heldout_tokens', '—')} · bench settings: "
         f"{html.escape(json.dumps(bench.get('settings', {})))}</p>",
     ]
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Validation report "

@@ -222,7 +222,8 @@ def check_requested_targets(selection: Selection, host: Host) -> None:
         for target in targets or ():
             name = provider_short_name(target) if backend.target_kind == "provider" else target
             if name not in backend.targets:
-                raise UserError(f"unknown {backend.target_kind} {target!r}", f"use one of: {', '.join(backend.targets)}")
+                raise UserError(f"unknown {backend.target_kind} {target!r}",
+                                f"use one of: {', '.join(backend.targets)}")
             if reason := unavailable_reason(backend, name, host):
                 raise UserError(f"{backend.target_kind} {target!r} was requested but is not available: {reason}",
                                 f"leave it out (available here: {', '.join(available_targets(backend, host))})")
@@ -269,7 +270,7 @@ def available_specs(bundles: Mapping[str, Bundle], host: Host, selection: Select
 # ------------------------------------------------------------------------------------------------ runners
 
 class Runner:
-    """Batch-1 prefill/decode over any decoder that has `prefill([1, seq] ids)`, `decode([1] token)` and
+    """Batch-1 prefill/decode over any decoder that has `prefill([1, seq] ids)`, `decode(0-d token)` and
     `reset()`, with logits turned into one float32 numpy vector and the facts bench and report need."""
 
     def __init__(self, spec: RunnerSpec, decoder: Any, vocab_size: int, size_bytes: int,
@@ -290,7 +291,8 @@ class Runner:
         return self._vector(self.decoder.prefill(np.asarray([ids], dtype=np.int64)))
 
     def decode(self, token: int) -> np.ndarray:
-        return self._vector(self.decoder.decode(np.asarray([token], dtype=np.int64)))
+        # A 0-d array: every decoder reads it as one token (int(), reshape(-1, 1) and torch alike).
+        return self._vector(self.decoder.decode(np.asarray(token, dtype=np.int64)))
 
     def reset(self) -> None:
         self.decoder.reset()
@@ -397,8 +399,8 @@ def open_onnxruntime(variant: BundleVariant, spec: RunnerSpec, context: OpenCont
 
 
 def open_coreml(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
-    from exporters.coreml import CoreMLDecoder
-    return CoreMLDecoder(variant.files[0], compute_units=spec.device)
+    from exporters.coreml import CoreMLRuntimeDecoder
+    return CoreMLRuntimeDecoder(variant.files[0], compute_units=spec.device)
 
 
 def open_coreml_mil(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:

@@ -1,0 +1,270 @@
+"""Core ML export: the saved .mlpackage is read back and executed by the MIL runner (numpy, op by op) with
+its own generate loop, and compared with the PyTorch reference.
+
+Bars: fp32 → same 64 greedy tokens and teacher-forced max |Δlogit| ≤ 1e-3 (tiny) / 5e-3 (real); fp16 → no
+NaN/Inf, top-1 agreement ≥ 99 % over 64 steps, first 16 greedy tokens equal (real); int8 / int4 → agreement
+printed, above floors measured on these weights. Every prompt is longer than the sliding window.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from exporters import coreml
+from model.errors import UserError
+from model.generate import generate
+from validation.mil import MILRunner
+
+STEPS = 64
+TINY_OPTIONS = {"max_context": 128, "query_lengths": (1, 4, 16)}
+TINY_PROMPT_LENGTH = 23  # 16 + 4 + 3 × 1: every enumerated length runs; crosses the window of 8
+# int8 / int4 are lossy: agreement floors, measured with margin (each test prints its numbers). The tiny model
+# is random, its logits nearly tied, so its floors are low.
+REAL_AGREEMENT_FLOOR = {"fp16": 0.99, "int8": 0.90, "int4": 0.70}
+TINY_AGREEMENT_FLOOR = {"fp16": 0.95, "int8": 0.85, "int4": 0.25}  # random weights: near-tied logits
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.process, self.peak_bytes, self.running = psutil.Process(), 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak_bytes = max(self.peak_bytes, self.process.memory_info().rss)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        self.running = False
+        self.thread.join()
+
+
+def export_timed(model, out_dir: Path, precision: str, **options) -> tuple[Path, dict[str, float]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        variant = coreml.export(model, out_dir, precision, **options)
+    path = out_dir / variant.files[0]
+    stats = {"seconds": time.perf_counter() - started, "peak_rss_gb": memory.peak_bytes / 2 ** 30,
+             "size_mb": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20}
+    print(f"\n[coreml {precision}] convert {stats['seconds']:.1f} s, peak RSS {stats['peak_rss_gb']:.2f} GB, "
+          f"package {stats['size_mb']:.1f} MB")
+    return path, stats
+
+
+def teacher_forced(runner: MILRunner, prompt: list[int], reference) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """The runner's logits for each step when fed the reference's tokens, and its prefill / decode speed."""
+    started = time.perf_counter()
+    logits = [runner.prefill(prompt)]
+    prefill_seconds = time.perf_counter() - started
+    for token in reference.tokens[0, :-1]:
+        logits.append(runner.decode(int(token)))
+    decode_seconds = time.perf_counter() - started - prefill_seconds
+    return logits, {"prefill_tokens_per_second": len(prompt) / prefill_seconds,
+                    "decode_tokens_per_second": (len(logits) - 1) / decode_seconds}
+
+
+def compare(runner: MILRunner, prompt: list[int], reference) -> dict[str, float]:
+    tokens, _ = runner.greedy(prompt, STEPS)
+    actual, speed = teacher_forced(runner, prompt, reference)
+    expected = reference.step_logits
+    differences = [float((a - e).abs().max()) for a, e in zip(actual, expected)]
+    agreement = np.mean([int(a.argmax()) == int(e.argmax()) for a, e in zip(actual, expected)])
+    reference_tokens = reference.tokens[0].tolist()
+    matching_prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b), len(tokens))
+    return {"max_dlogit": max(differences), "agreement": float(agreement), "matching_prefix": matching_prefix,
+            "finite": all(bool(torch.isfinite(a).all()) for a in actual), **speed}
+
+
+def report(name: str, result: dict[str, float]) -> None:
+    print(f"\n[{name}] max |Δlogit| {result['max_dlogit']:.2e}, top-1 agreement {result['agreement']:.1%}, "
+          f"greedy prefix {result['matching_prefix']}/{STEPS}, finite {result['finite']}; MIL runner prefill "
+          f"{result['prefill_tokens_per_second']:.1f} tok/s, decode {result['decode_tokens_per_second']:.1f} tok/s")
+
+
+# --- tiny ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_packages(tiny, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("coreml_tiny")
+    return {precision: export_timed(tiny.model, out_dir, precision, **TINY_OPTIONS)[0]
+            for precision in coreml.PRECISIONS}
+
+
+@pytest.fixture(scope="module")
+def tiny_prompt():
+    return torch.randint(3, 512, (TINY_PROMPT_LENGTH,), generator=torch.Generator().manual_seed(7)).tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny, tiny_prompt):
+    return generate(tiny.model, tiny_prompt, STEPS, stop_token_ids=[], return_logits=True)
+
+
+def test_tiny_package_spec(tiny, tiny_packages):
+    import coremltools as ct
+
+    config = tiny.model.config
+    assert sorted(p.name for p in tiny_packages.values()) == sorted(coreml.PACKAGE_NAMES.values())
+    spec = ct.models.MLModel(str(tiny_packages["fp16"]), skip_model_load=True).get_spec()
+    assert spec.specificationVersion == ct.target.iOS18.value == 9
+    description = spec.description
+    assert [i.name for i in description.input] == ["input_ids", "cache_position"]
+    assert [o.name for o in description.output] == ["logits"]
+    shapes = sorted(list(s.shape) for s in description.input[0].type.multiArrayType.enumeratedShapes.shapes)
+    assert shapes == [[1, 1], [1, 4], [1, 16]]
+    states = {s.name: list(s.type.stateType.arrayType.shape) for s in description.state}
+    assert len(states) == 2 * config.num_layers
+    assert states["key_cache_0"] == [1, config.num_kv_heads, 128, config.head_dim]
+    assert description.metadata.license == coreml.GEMMA_LICENSE
+    assert description.metadata.userDefined["max_context"] == "128"
+
+
+def test_tiny_lm_head_is_chunked_and_stored_once(tiny, tiny_packages):
+    from validation.mil import load_program
+
+    _, program = load_program(tiny_packages["fp16"])
+    operations = list(program.functions["main"].operations)
+    head = [op for op in operations if op.op_type == "linear" and "embedding_blocks" in op.weight.name]
+    assert len(head) == 16 and {tuple(op.weight.shape) for op in head} == {(32, 64)}
+    gathered = {op.x.name for op in operations if op.op_type == "gather" and "embedding_blocks" in op.x.name}
+    assert gathered == {op.weight.name for op in head}  # the lookup reads the head's own constants
+    parameters = sum(p.numel() for p in tiny.model.parameters())
+    weights = tiny_packages["fp16"] / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    assert weights.stat().st_size < 1.3 * 2 * parameters
+
+
+def test_tiny_fp32_equals_pytorch(tiny_packages, tiny_prompt, tiny_reference):
+    result = compare(MILRunner(tiny_packages["fp32"]), tiny_prompt, tiny_reference)
+    report("tiny fp32", result)
+    assert result["matching_prefix"] == STEPS
+    assert result["max_dlogit"] <= 1e-3
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+def test_tiny_reduced_precision(precision, tiny_packages, tiny_prompt, tiny_reference):
+    result = compare(MILRunner(tiny_packages[precision]), tiny_prompt, tiny_reference)
+    report(f"tiny {precision}", result)
+    assert result["finite"]
+    assert result["agreement"] >= TINY_AGREEMENT_FLOOR[precision]
+
+
+def test_runner_refuses_context_overflow(tiny_packages):
+    runner = MILRunner(tiny_packages["fp32"])
+    with pytest.raises(UserError, match="max_context of 128"):
+        runner.prefill(list(range(3, 3 + 129)))
+    runner.prefill([5] * 127)
+    runner.decode(5)
+    with pytest.raises(UserError, match="129 tokens exceed"):
+        runner.decode(5)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"precision": "int2"}, "no precision 'int2'"),
+    ({"deployment_target": "iOS17"}, "needs iOS 18"),
+    ({"max_context": 4096}, "outside 1..1024"),
+    ({"query_lengths": (8, 16)}, "must include 1"),
+    ({"query_lengths": (1, 256)}, "within max_context"),
+    ({"lm_head_chunks": 3}, "must divide the vocabulary"),
+])
+def test_bad_options_are_user_errors(tiny, tmp_path, options, message):
+    options = {**TINY_OPTIONS, **options}
+    with pytest.raises(UserError, match=message):
+        coreml.export(tiny.model, tmp_path, **options)
+    assert not any(tmp_path.iterdir())
+
+
+def test_lm_head_chunks_must_fit_the_neural_engine(real_config_only):
+    with pytest.raises(UserError, match="at most 16384 rows"):
+        coreml.check_options(real_config_only, "fp16", 2048, (1, 64), 8, "iOS18")
+
+
+@pytest.fixture
+def real_config_only():
+    from model.config import preset
+    return preset("270m")
+
+
+def test_progress_reports_each_step(tiny, tmp_path):
+    steps = []
+    coreml.export(tiny.model, tmp_path, "int4", max_context=32, query_lengths=(1,), progress=steps.append)
+    assert steps == ["trace", "convert", "compress", "save"]
+
+
+def test_runtime_decoder_needs_macos(tiny_packages):
+    import platform
+
+    if platform.system() == "Darwin":
+        pytest.skip("on macOS the runtime decoder works (tests/test_coreml_macos.py)")
+    with pytest.raises(UserError, match="Core ML prediction needs macOS; use the MIL runner"):
+        coreml.CoreMLRuntimeDecoder(tiny_packages["fp16"])
+
+
+def test_prompt_chunks_cover_the_prompt():
+    assert coreml.prompt_chunks(600, (1, 64, 512)) == [512, 64] + [1] * 24
+    assert coreml.prompt_chunks(3, (1, 64, 512)) == [1, 1, 1]
+
+
+# --- real Gemma 3 270M -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_export(real, tmp_path_factory):
+    """Each real variant converted once (lazily, on first use), with its conversion time and peak RSS."""
+    out_dir = tmp_path_factory.mktemp("coreml_real")
+    exported: dict[str, tuple[Path, dict[str, float]]] = {}
+
+    def get(precision: str) -> tuple[Path, dict[str, float]]:
+        if precision not in exported:
+            exported[precision] = export_timed(real.model, out_dir, precision)
+        return exported[precision]
+    return get
+
+
+@pytest.fixture(scope="module")
+def real_reference(real, real_long_prompt_ids):
+    return generate(real.model, real_long_prompt_ids, STEPS, stop_token_ids=[], return_logits=True)
+
+
+@pytest.mark.real
+def test_real_fp16_package(real, real_export, real_long_prompt_ids, real_reference):
+    import coremltools as ct
+
+    path, stats = real_export("fp16")
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    assert spec.specificationVersion == 9 and len(spec.description.state) == 36
+    result = compare(MILRunner(path), real_long_prompt_ids, real_reference)
+    report("real fp16", result)
+    assert result["finite"]
+    assert result["agreement"] >= REAL_AGREEMENT_FLOOR["fp16"]
+    assert result["matching_prefix"] >= 16
+    assert stats["size_mb"] < 600  # the tied embedding is stored once (~536 MB of fp16 weights)
+
+
+@pytest.mark.real
+def test_real_fp32_equals_pytorch(real_export, real_long_prompt_ids, real_reference):
+    path, _ = real_export("fp32")
+    result = compare(MILRunner(path), real_long_prompt_ids, real_reference)
+    report("real fp32", result)
+    assert result["matching_prefix"] == STEPS
+    assert result["max_dlogit"] <= 5e-3
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_real_compressed(precision, real_export, real_long_prompt_ids, real_reference):
+    path, _ = real_export(precision)
+    result = compare(MILRunner(path), real_long_prompt_ids, real_reference)
+    report(f"real {precision}", result)
+    assert result["finite"]
+    assert result["agreement"] >= REAL_AGREEMENT_FLOOR[precision]

@@ -1,0 +1,317 @@
+"""The validation stage on random:tiny bundles made by the exporters themselves: every runner agrees with the
+reference through one interface, validate writes the three report files, a tampered or wrongly-exported
+bundle makes validation fail naming it, and bad input ends in one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporters import coreml as coreml_exporter
+from exporters import onnx as onnx_exporter
+from exporters import torchscript as torchscript_exporter
+from exporters.artifact import BundleWriter
+from exporters.registry import variant_key
+from model.config import PRESETS
+from model.errors import UserError
+from validation.bench import BenchSettings
+from validation.compare import (THRESHOLDS, Thresholds, failures, load_prompts, matching_prefix, step_metrics,
+                                thresholds_for)
+from validation.runners import (BACKENDS, REFERENCE_SPEC, Host, RunnerSpec, Selection, available_specs,
+                                load_bundles, make_runner, unavailable_reason)
+from gemma_export.validation_commands import run_bench, run_validation, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 4
+# The CLI with the validation commands registered (idempotent once cli.py registers them itself).
+CLI = ("import sys; from gemma_export.cli import cli; from gemma_export.errors import run_cli; "
+       "from gemma_export.validation_commands import register; register(cli); sys.exit(run_cli(cli))")
+ALL_TARGETS = [(name, target) for name, backend in BACKENDS.items() for target in backend.targets]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Validation is about numbers, not speed: one thread avoids oversubscribing a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_bundle(loaded, model, root: Path, fmt: str, exporter, **options) -> None:
+    """Export `model` (fp32) with the format's own exporter, under the identity (sha256) of `loaded`'s weights."""
+    weights = loaded.weights
+    with BundleWriter(root, weights.slug, fmt) as bundle:
+        exported = exporter.export(model, bundle.path, "fp32", **options)
+        for variant in exported if isinstance(exported, list) else [exported]:
+            bundle.add_variant(**{**dataclasses.asdict(variant), "precision": variant_key(variant)})
+        bundle.finish(config=weights.config, tokenizer=loaded.tokenizer,
+                      source={"model_id": weights.source_id, "weight_sha256": weights.weight_sha256})
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("artifacts")
+    write_bundle(tiny, tiny.model, root, "torchscript", torchscript_exporter)
+    write_bundle(tiny, tiny.model, root, "onnx", onnx_exporter)
+    write_bundle(tiny, tiny.model, root, "coreml", coreml_exporter, max_context=tiny.model.config.context_length)
+    return root
+
+
+@pytest.fixture(scope="module")
+def perturbed_artifacts(tiny, tmp_path_factory) -> Path:
+    """An ONNX bundle whose hashes are all valid but whose model had one weight changed before export."""
+    model = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        model.layers[0].feed_forward.down_proj.weight[0, 0] += 5.0
+    root = tmp_path_factory.mktemp("perturbed")
+    write_bundle(tiny, model, root, "onnx", onnx_exporter)
+    return root
+
+
+def copy_artifacts(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination, ignore=shutil.ignore_patterns("report", "*.lock"))
+    return destination
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=REPO)
+
+
+def validate_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_cli("validate", "--model", "random:tiny", "--out", str(root), "--max-new-tokens", str(NEW_TOKENS),
+                   "--threads", "1", *args)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------------------- thresholds, metrics
+
+def test_threshold_table_and_overrides():
+    tiny, real = PRESETS["tiny"], PRESETS["270m"]
+    assert thresholds_for("fp32", tiny) == Thresholds(max_abs_logit_diff=1e-3, greedy_identical=True)
+    assert thresholds_for("fp32", real).max_abs_logit_diff == 5e-3
+    assert [THRESHOLDS[p].min_top1_agreement for p in ("fp16", "bf16", "int8", "int4")] == [0.99, 0.99, 0.98, 0.97]
+    assert thresholds_for("int8", tiny, min_top1_agreement=0.5).min_top1_agreement == 0.5
+    assert thresholds_for("fp32", tiny, max_abs_logit_diff=0.1).max_abs_logit_diff == 0.1
+
+
+def test_step_metrics_and_failures_name_the_criterion():
+    reference = np.array([0.0, 1.0, 5.0, 2.0, -1.0, 0.5], dtype=np.float32)
+    assert step_metrics(reference, reference)["max_abs_logit_diff"] == 0.0
+    assert step_metrics(reference, reference)["kl_divergence"] == pytest.approx(0.0, abs=1e-12)
+    flipped = reference.copy()
+    flipped[1] = 9.0
+    metrics = step_metrics(reference, flipped)
+    assert metrics["max_abs_logit_diff"] == 8.0 and not metrics["top1_agrees"] and metrics["kl_divergence"] > 0
+    with_nan = reference.copy()
+    with_nan[0] = np.nan
+    assert step_metrics(reference, with_nan)["nonfinite_logits"] == 1
+    assert matching_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    summary = {"nonfinite_logits": 1, "max_abs_logit_diff": 0.5, "top1_agreement": 0.9}
+    prompts = [{"prompt": "long", "greedy_match_steps": 2, "reference_tokens": [1, 2, 3]}]
+    found = failures(summary, prompts, Thresholds(1e-3, 0.99, greedy_identical=True))
+    assert found == ["1 NaN/Inf logits", "max |Δlogit| 0.5 > 0.001", "top-1 agreement 90.0% < 99%",
+                     "greedy run leaves the reference at step 2 of 3 (prompt 'long')"]
+
+
+def test_tiny_prompts_cross_the_sliding_window(tiny):
+    prompts = load_prompts(tiny.tokenizer, tiny.model.config, NEW_TOKENS)
+    assert [p.name for p in prompts] == ["short", "long", "chat"]
+    assert all(p.crosses_window for p in prompts)
+    assert max(len(p.ids) for p in prompts) + NEW_TOKENS <= tiny.model.config.context_length
+
+
+@pytest.mark.real
+def test_long_prompt_crosses_the_270m_window(real):
+    prompts = {p.name: p for p in load_prompts(real.tokenizer, real.model.config, NEW_TOKENS)}
+    assert len(prompts["long"].ids) > real.model.config.sliding_window
+    assert prompts["chat"].ids[:3] == real.tokenizer.encode("<start_of_turn>user")[:3]
+
+
+# -------------------------------------------------------------------------------------------------- runners
+
+@pytest.mark.parametrize(("backend", "target"), ALL_TARGETS, ids=[f"{b}-{t}" for b, t in ALL_TARGETS])
+def test_runners_agree_with_the_reference(tiny, artifacts, backend, target):
+    """Every runner this host can run, through the one interface: same logits, same greedy tokens, and a
+    reset (or a new prefill) starts over."""
+    bundles, problems = load_bundles(artifacts, tiny.weights.slug, ["torchscript", "onnx", "coreml"],
+                                     tiny.weights.weight_sha256)
+    specs, skipped = available_specs(bundles, Host.detect(), problems=problems)
+    spec = next((s for s in specs if (s.backend, s.device, s.precision) == (backend, target, "fp32")), None)
+    if spec is None:
+        reasons = [s.reason for s in skipped if s.runner in (backend, f"{backend} fp32 {target}")]
+        pytest.skip(reasons[0] if reasons else f"no fp32 {backend} variant")
+    reference = make_runner(REFERENCE_SPEC, bundles, tiny.model, max_length=64)
+    runner = make_runner(spec, bundles, tiny.model, max_length=64, threads=1)
+    prompt = tiny.tokenizer.encode("The history of computing is a story")  # longer than the window of 8
+    assert len(prompt) > tiny.model.config.sliding_window
+    for _ in range(2):
+        expected, actual = reference.prefill(prompt), runner.prefill(prompt)
+        assert actual.dtype == np.float32 and actual.shape == (tiny.model.config.vocab_size,)
+        for _step in range(6):
+            assert np.abs(expected - actual).max() <= 1e-3
+            assert int(actual.argmax()) == int(expected.argmax())
+            token = int(expected.argmax())
+            expected, actual = reference.decode(token), runner.decode(token)
+        runner.reset()
+    assert runner.size_bytes > 0 and runner.weight_bytes_per_token > 0
+
+
+def test_unavailable_targets_are_skipped_with_a_reason():
+    host = Host(system="Linux", cuda=False, mps=False, onnx_providers=("CPUExecutionProvider",),
+                cpp_compiler=True, mil_runner=False)
+    assert unavailable_reason(BACKENDS["coreml"], "ALL", host) == "Core ML runtime needs macOS"
+    assert unavailable_reason(BACKENDS["pytorch"], "cuda", host) == "CUDA not available"
+    assert "CUDAExecutionProvider" in unavailable_reason(BACKENDS["onnxruntime"], "cuda", host)
+    specs, skipped = available_specs({}, host, Selection(formats=("pytorch", "onnx")))
+    assert RunnerSpec("pytorch", "fp32", "cpu") in specs
+    assert {"runner": "onnxruntime", "reason": "no onnx bundle"} in [dataclasses.asdict(s) for s in skipped]
+    with pytest.raises(UserError, match="requested but is not available: CUDA not available"):
+        available_specs({}, host, Selection(devices=("cuda",)))
+    with pytest.raises(UserError, match="unknown ONNX Runtime provider"):
+        available_specs({}, host, Selection(providers=("tpu",)))
+
+
+# ------------------------------------------------------------------------------------------------- validate
+
+def test_validate_writes_the_three_report_files(tiny, artifacts):
+    outcome = run_validation(tiny, artifacts, max_new_tokens=NEW_TOKENS, threads=1)
+    paths = write_report(artifacts, tiny.weights.slug)
+    assert {path.name for path in paths.values()} == {"report.json", "report.md", "report.html"}
+    assert outcome.failed_runners == [] and outcome.bundle_errors == []
+    report = json.loads(paths["json"].read_text())
+    assert {"cpu", "logical_cores", "ram_bytes", "os"} <= set(report["machine"])
+    assert {"torch", "onnxruntime", "python"} <= set(report["versions"])
+    rows = {row["runner"]: row for row in report["validation"]["runners"]}
+    bundles, _ = load_bundles(artifacts, tiny.weights.slug, ["torchscript", "onnx"], tiny.weights.weight_sha256)
+    runnable, _ = available_specs(bundles, Host.detect())
+    assert {spec.name for spec in runnable} <= set(rows)
+    assert {"torchscript fp32 cpu", "torch-export fp32 cpu", "onnxruntime fp32 cpu", "coreml-mil fp32 numpy"} <= set(rows)
+    assert rows["pytorch fp32 cpu"]["verdict"] == "reference"
+    for name, row in rows.items():
+        assert finite_number(row["perplexity"]) and row["size_bytes"] > 0
+        if row["verdict"] == "reference":
+            continue
+        assert row["verdict"] == "PASS", (name, row["failures"])
+        for metric in ("max_abs_logit_diff", "mean_abs_logit_diff", "min_cosine", "max_kl_divergence",
+                       "top1_agreement", "top5_overlap"):
+            assert finite_number(row[metric]), (name, metric)
+        assert row["max_abs_logit_diff"] <= 1e-3 and row["top1_agreement"] == 1.0 and row["min_cosine"] > 0.999
+        assert row["greedy_match_steps"] == row["greedy_steps"] == NEW_TOKENS
+        assert [p["prompt"] for p in row["prompts"]] == ["short", "long", "chat"]
+        assert all(len(p["steps"]) == NEW_TOKENS for p in row["prompts"])
+    skipped = {entry["runner"]: entry["reason"] for entry in report["validation"]["skipped"]}
+    assert skipped["coreml fp32 ALL"] == "Core ML runtime needs macOS" or Host.detect().system == "Darwin"
+    markdown = paths["md"].read_text()
+    assert "| onnxruntime | fp32 | cpu | PASS |" in markdown and "## Skipped" in markdown
+    html = paths["html"].read_text()
+    assert html.count("data:image/png;base64,") == 2 and "<style>" in html and "http" not in html.split("<body>")[1]
+
+
+def test_bench_measures_each_runner_in_its_own_process(tiny, artifacts):
+    settings = BenchSettings(threads=1, ttft_prompt_tokens=4, prefill_tokens=16, decode_tokens=4, repeats=1)
+    outcome = run_bench(tiny, artifacts, Selection(formats=("onnx",)), settings, bandwidth_megabytes=32)
+    assert outcome.failed_runners == []
+    row = next(row for row in outcome.piece["runners"] if row["runner"] == "onnxruntime fp32 cpu")
+    for metric in ("load_seconds", "time_to_first_token_seconds", "prefill_tokens_per_second",
+                   "decode_tokens_per_second", "percent_of_ceiling", "peak_rss_bytes", "size_bytes"):
+        assert finite_number(row[metric]) and row[metric] > 0, metric
+    assert row["prefill_tokens"] == 16 and row["decode_tokens"] == 4 and row["threads"] == 1
+    report = json.loads(write_report(artifacts, tiny.weights.slug)["json"].read_text())
+    assert report["bench"]["read_bandwidth_bytes_per_second"] > 0
+    html = (artifacts / "random-tiny" / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+
+
+def test_reexported_perturbed_model_fails_naming_the_backend(perturbed_artifacts):
+    result = validate_cli(perturbed_artifacts, "--formats", "onnx")
+    assert result.returncode == 1, result.stderr
+    assert "FAIL onnxruntime fp32 cpu: max |Δlogit|" in result.stderr
+    assert "validation failed for: onnxruntime fp32 cpu" in result.stderr
+    report = json.loads((perturbed_artifacts / "random-tiny" / "report" / "report.json").read_text())
+    row = next(row for row in report["validation"]["runners"] if row["runner"] == "onnxruntime fp32 cpu")
+    assert row["verdict"] == "FAIL" and row["max_abs_logit_diff"] > 1e-3
+
+
+def test_a_loosened_threshold_is_applied(perturbed_artifacts):
+    result = validate_cli(perturbed_artifacts, "--formats", "onnx", "--max-logit-diff", "1000")
+    report = json.loads((perturbed_artifacts / "random-tiny" / "report" / "report.json").read_text())
+    row = next(row for row in report["validation"]["runners"] if row["runner"] == "onnxruntime fp32 cpu")
+    assert row["thresholds"]["max_abs_logit_diff"] == 1000
+    assert not any("max |Δlogit|" in failure for failure in row["failures"])
+    assert result.returncode == (1 if row["failures"] else 0)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def overwrite_first_float(path: Path) -> None:
+    """Rewrite one float of an initializer in place (a model.onnx_data byte range), nothing else."""
+    with open(path, "r+b") as handle:
+        value = np.frombuffer(handle.read(4), dtype=np.float32)[0]
+        handle.seek(0)
+        handle.write(np.float32(value + 1.0).tobytes())
+
+
+def tamper_hash(bundle: Path) -> str:
+    overwrite_first_float(bundle / "model.onnx_data")
+    return "sha256 mismatch"
+
+
+def delete_file(bundle: Path) -> str:
+    (bundle / "model.onnx_data").unlink()
+    return "missing"
+
+
+def other_weights(bundle: Path) -> str:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["source"]["weight_sha256"] = "f" * 64
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return "exported from other weights"
+
+
+@pytest.mark.parametrize("damage", [tamper_hash, delete_file, other_weights])
+def test_broken_bundle_is_one_clear_line_and_listed_as_skipped(artifacts, tmp_path, damage):
+    root = copy_artifacts(artifacts, tmp_path / "artifacts")
+    expected = damage(root / "random-tiny" / "onnx")
+    result = validate_cli(root, "--formats", "onnx")
+    assert result.returncode == 2, result.stderr
+    assert len(error_lines(result)) == 1 and expected in error_lines(result)[0], result.stderr
+    assert "Traceback" not in result.stderr
+    report = json.loads((root / "random-tiny" / "report" / "report.json").read_text())
+    skipped = {entry["runner"]: entry["reason"] for entry in report["validation"]["skipped"]}
+    assert expected in skipped["onnxruntime"]
+
+
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--device", "cuda", "device 'cuda' was requested but is not available"),
+    ("--provider", "cuda", "provider 'cuda' was requested but is not available"),
+    ("--provider", "tpu", "unknown ONNX Runtime provider 'tpu'"),
+])
+def test_unavailable_device_or_provider_is_one_clear_line(artifacts, option, value, expected):
+    host = Host.detect()
+    if (option, value) == ("--device", "cuda") and host.cuda or \
+            (option, value) == ("--provider", "cuda") and "CUDAExecutionProvider" in host.onnx_providers:
+        pytest.skip("this host has CUDA")
+    result = validate_cli(artifacts, "--formats", "onnx", option, value)
+    assert result.returncode == 2, result.stderr
+    assert len(error_lines(result)) == 1 and expected in error_lines(result)[0], result.stderr
