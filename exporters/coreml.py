@@ -11,7 +11,9 @@ The traced module (`StatefulDecoder`) reuses the reference model's weights but i
   window would wrap around a ring and need a scatter (which does not convert) or two writes per chunk; with
   full-length buffers every layer has one write pattern and the window lives in the mask. The price is
   memory (270M, fp16: 38 MB of cache at 2048 tokens instead of 14 MB; at 32k, 604 MB instead of 109 MB).
-  Core ML states hold fp16 only, so every package, fp32 included, caches keys/values in fp16.
+  Core ML states hold fp16 only. The fp32 package therefore stores each key/value as two fp16 states, the
+  rounded value and its rounding error (`*_cache_residual_{i}`), whose sum carries ~22 bits: with a plain
+  fp16 cache the real model's logits differed from PyTorch by 2.8e-2, with the pair by 8e-5.
 - Inputs: `input_ids` int32 [1, query_length] (query_length ∈ `query_lengths`, `ct.EnumeratedShapes`, which
   keeps the Neural Engine usable) and `cache_position` int32 [1], the cache index of the first token. The
   causal and sliding-window masks are built inside from the position (no mask input to get wrong, no
@@ -103,7 +105,8 @@ class StatefulAttention(nn.Module):
         self.query_rescale = config.query_pre_attn_scalar ** -0.5 * math.sqrt(config.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                key_cache: torch.Tensor, value_cache: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+                key_cache: tuple[torch.Tensor, ...], value_cache: tuple[torch.Tensor, ...], start: torch.Tensor
+                ) -> torch.Tensor:
         q = self.q_proj(x).view(1, -1, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(1, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(1, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -112,16 +115,25 @@ class StatefulAttention(nn.Module):
         if self.query_rescale != 1.0:
             q = q * self.query_rescale
         end = start + x.shape[1]
-        key_cache[:, :, start:end] = k.to(key_cache.dtype)
-        value_cache[:, :, start:end] = v.to(value_cache.dtype)
-        key_cache, value_cache = key_cache.to(q.dtype), value_cache.to(q.dtype)
+        keys, values = store(key_cache, k, start, end), store(value_cache, v, start, end)
         # Grouped-query attention without repeating the cache: the `groups` query heads that share a kv head
         # become extra query rows of that head ([1, kv_heads, groups * seq, head_dim]).
         grouped_q = q.reshape(1, self.num_kv_heads, -1, self.head_dim)
         grouped_mask = mask.repeat(1, 1, self.groups, 1) if self.groups > 1 else mask
-        out = F.scaled_dot_product_attention(grouped_q, key_cache, value_cache, attn_mask=grouped_mask)
+        out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=grouped_mask)
         out = out.reshape(1, self.num_heads, -1, self.head_dim).transpose(1, 2)
         return self.o_proj(out.reshape(1, -1, self.num_heads * self.head_dim))
+
+
+def store(cache: tuple[torch.Tensor, ...], x: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Write x into cache positions [start, end) and return the whole cache in x's dtype. `cache` is one fp16
+    buffer (x rounded) or two (x rounded, then the rounding error: together ~22 significant bits)."""
+    rounded = x.to(torch.float16)
+    cache[0][:, :, start:end] = rounded
+    if len(cache) == 1:
+        return cache[0].to(x.dtype)
+    cache[1][:, :, start:end] = (x - rounded.to(x.dtype)).to(torch.float16)
+    return cache[0].to(x.dtype) + cache[1].to(x.dtype)
 
 
 class StatefulBlock(nn.Module):
@@ -137,7 +149,8 @@ class StatefulBlock(nn.Module):
         self.post_feedforward_norm = PeakScaledRMSNorm(block.post_feedforward_norm, output_divisor=RESIDUAL_SCALE)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                key_cache: torch.Tensor, value_cache: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+                key_cache: tuple[torch.Tensor, ...], value_cache: tuple[torch.Tensor, ...], start: torch.Tensor
+                ) -> torch.Tensor:
         attended = self.attention(self.input_norm(x), cos, sin, mask, key_cache, value_cache, start)
         x = x + self.post_attention_norm(attended)
         return x + self.post_feedforward_norm(self.feed_forward(self.pre_feedforward_norm(x)))
@@ -168,6 +181,17 @@ class ChunkedTiedEmbedding(nn.Module):
         return torch.cat([F.linear(hidden, block) for block in self.blocks], dim=-1)
 
 
+def layer_cache_names(num_layers: int, residual_cache: bool) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Per layer, the names of its (key, value) cache buffers: the cache, then its residual if kept."""
+    suffixes = ("", "_residual") if residual_cache else ("",)
+    return [tuple(tuple(f"{kind}_cache{suffix}_{i}" for suffix in suffixes) for kind in ("key", "value"))
+            for i in range(num_layers)]
+
+
+def cache_shape(config: Gemma3Config, max_context: int) -> tuple[int, ...]:
+    return (1, config.num_kv_heads, max_context, config.head_dim)
+
+
 def rope_tables(rope: nn.Module, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [max_context, head_dim] for every position, computed exactly as the reference does. A lookup
     rather than cos(position × frequency) in the graph: fp16 cannot hold position × frequency (at 2048 its
@@ -178,9 +202,11 @@ def rope_tables(rope: nn.Module, max_context: int) -> tuple[torch.Tensor, torch.
 
 class StatefulDecoder(nn.Module):
     """(input_ids int32 [1, seq], cache_position int32 [1]) → logits [1, 1, vocab] of the last token; writes
-    the chunk's keys/values into the `key_cache_{i}` / `value_cache_{i}` state buffers."""
+    the chunk's keys/values into the `key_cache_{i}` / `value_cache_{i}` state buffers (and, with
+    `residual_cache`, their rounding errors into `key_cache_residual_{i}` / `value_cache_residual_{i}`)."""
 
-    def __init__(self, model: Gemma3Model, max_context: int, lm_head_chunks: int) -> None:
+    def __init__(self, model: Gemma3Model, max_context: int, lm_head_chunks: int, residual_cache: bool = False
+                 ) -> None:
         super().__init__()
         config = model.config
         self.sliding_window, self.max_context = config.sliding_window, max_context
@@ -192,10 +218,10 @@ class StatefulDecoder(nn.Module):
             cos, sin = rope_tables(rope, max_context)
             self.register_buffer(f"rope_cos_{name}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{name}", sin, persistent=False)
-        cache_shape = (1, config.num_kv_heads, max_context, config.head_dim)
-        for i in range(config.num_layers):
-            self.register_buffer(f"key_cache_{i}", torch.zeros(cache_shape, dtype=torch.float16))
-            self.register_buffer(f"value_cache_{i}", torch.zeros(cache_shape, dtype=torch.float16))
+        self.layer_cache_names = layer_cache_names(config.num_layers, residual_cache)
+        self.cache_names = [name for layer in self.layer_cache_names for kind in layer for name in kind]
+        for name in self.cache_names:
+            self.register_buffer(name, torch.zeros(cache_shape(config, max_context), dtype=torch.float16))
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         # int32 throughout: fp16 compute would round positions above 2048.
@@ -209,10 +235,11 @@ class StatefulDecoder(nn.Module):
                  False: (self.rope_cos_global[index], self.rope_sin_global[index])}
         x = self.embedding.embed(input_ids)
         start = cache_position[0]
-        for i, layer in enumerate(self.layers):
+        for layer, (key_names, value_names) in zip(self.layers, self.layer_cache_names):
             cos, sin = ropes[layer.is_sliding]
-            x = layer(x, cos, sin, masks[layer.is_sliding], getattr(self, f"key_cache_{i}"),
-                      getattr(self, f"value_cache_{i}"), start)
+            key_cache = tuple(getattr(self, name) for name in key_names)
+            value_cache = tuple(getattr(self, name) for name in value_names)
+            x = layer(x, cos, sin, masks[layer.is_sliding], key_cache, value_cache, start)
         return self.embedding.logits(self.final_norm(x[:, -1:]))
 
 
@@ -228,18 +255,17 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp16", max_conte
     report(progress, "trace")
     if next(model.parameters()).dtype != torch.float32:
         model = copy.deepcopy(model).float()  # the caller's model stays as it was; precision is Core ML's job
-    decoder = StatefulDecoder(model.eval(), max_context, lm_head_chunks).eval()
+    decoder = StatefulDecoder(model.eval(), max_context, lm_head_chunks, residual_cache=precision == "fp32").eval()
     example = (torch.zeros(1, query_lengths[-1], dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
     with torch.no_grad():
         traced = torch.jit.trace(decoder, example, check_trace=False)
     report(progress, "convert")
-    register_int_of_one_element()
     mlmodel = ct.convert(
         traced,
         inputs=[ct.TensorType("input_ids", shape=input_ids_shape(query_lengths), dtype=np.int32),
                 ct.TensorType("cache_position", shape=(1,), dtype=np.int32)],
         outputs=[ct.TensorType("logits", dtype=np.float32)],
-        states=state_types(config, max_context),
+        states=state_types(decoder.cache_names, cache_shape(config, max_context)),
         minimum_deployment_target=ct.target.iOS18,
         compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
         convert_to="mlprogram",
@@ -252,7 +278,8 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp16", max_conte
     describe(mlmodel, config, precision, max_context, query_lengths, lm_head_chunks)
     path = Path(out_dir) / PACKAGE_NAMES[precision]
     mlmodel.save(str(path))
-    return ExportedVariant(precision=precision, files=[path.name], io=package_io(config, max_context, query_lengths),
+    io = package_io(config, decoder.cache_names, cache_shape(config, max_context), query_lengths)
+    return ExportedVariant(precision=precision, files=[path.name], io=io,
                            options=export_options(max_context, query_lengths, lm_head_chunks),
                            deployment_target=deployment_target, logits_dtype="float32")
 
@@ -294,33 +321,11 @@ def report(progress: Progress, step: str) -> None:
         progress(step)
 
 
-def state_types(config: Gemma3Config, max_context: int) -> list[Any]:
-    """Core ML states hold fp16 only (coremltools refuses others), so the fp32 package caches fp16 too."""
+def state_types(names: list[str], shape: tuple[int, ...]) -> list[Any]:
+    """Core ML states hold fp16 only (coremltools refuses others)."""
     import coremltools as ct
 
-    shape = (1, config.num_kv_heads, max_context, config.head_dim)
-    return [ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=f"{kind}_cache_{i}")
-            for i in range(config.num_layers) for kind in ("key", "value")]
-
-
-def register_int_of_one_element() -> None:
-    """coremltools 9.0's `aten::Int` converter calls int() on a one-element *array* (the traced slice bound
-    `cache_position[0] + seq`), which numpy 2 refuses ("only 0-dimensional arrays can be converted to Python
-    scalars"). This override takes element 0 instead; for everything the original handled it does the same."""
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
-
-    @register_torch_op(torch_alias=["int"], override=True)
-    def int_of_one_element(context: Any, node: Any) -> None:
-        x = _get_inputs(context, node, expected=1)[0]
-        if x.can_be_folded_to_const():
-            result = mb.const(val=np.int32(np.asarray(x.val).reshape(-1)[0]), name=node.name)
-        else:
-            if x.rank > 0:
-                x = mb.squeeze(x=mb.reshape(x=x, shape=[1]), name=node.name + "_item")
-            result = mb.cast(x=x, dtype="int32", name=node.name)
-        context.add(result, node.name)
+    return [ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=name) for name in names]
 
 
 def compress(mlmodel: Any, precision: str) -> Any:
@@ -371,17 +376,17 @@ def export_options(max_context: int, query_lengths: tuple[int, ...], lm_head_chu
     import coremltools as ct
 
     return {"max_context": max_context, "query_lengths": list(query_lengths), "lm_head_chunks": lm_head_chunks,
-            "residual_scale": RESIDUAL_SCALE, "kv_cache": "per-layer fp16 states, full max_context length",
+            "residual_scale": RESIDUAL_SCALE,
+            "kv_cache": "per-layer fp16 states of max_context slots (fp32: value + rounding-error pairs)",
             "coremltools_version": ct.__version__, "torch_version": torch.__version__}
 
 
-def package_io(config: Gemma3Config, max_context: int, query_lengths: tuple[int, ...]) -> dict[str, list[dict[str, Any]]]:
+def package_io(config: Gemma3Config, state_names: list[str], state_shape: tuple[int, ...],
+               query_lengths: tuple[int, ...]) -> dict[str, list[dict[str, Any]]]:
     seq = "seq" if len(query_lengths) > 1 else query_lengths[0]
-    state_shape: list[int | str] = [1, config.num_kv_heads, max_context, config.head_dim]
     return {"inputs": [tensor_spec("input_ids", "int32", [1, seq]), tensor_spec("cache_position", "int32", [1])],
             "outputs": [tensor_spec("logits", "float32", [1, 1, config.vocab_size])],
-            "states": [tensor_spec(f"{kind}_cache_{i}", "float16", state_shape)
-                       for i in range(config.num_layers) for kind in ("key", "value")]}
+            "states": [tensor_spec(name, "float16", list(state_shape)) for name in state_names]}
 
 
 def package_metadata(path: Path) -> dict[str, str]:

@@ -127,6 +127,10 @@ def test_tiny_package_spec(tiny, tiny_packages):
     states = {s.name: list(s.type.stateType.arrayType.shape) for s in description.state}
     assert len(states) == 2 * config.num_layers
     assert states["key_cache_0"] == [1, config.num_kv_heads, 128, config.head_dim]
+    # fp32 keeps each cache as an fp16 pair (value, rounding error): Core ML states are fp16 only.
+    fp32_spec = ct.models.MLModel(str(tiny_packages["fp32"]), skip_model_load=True).get_spec()
+    assert len(fp32_spec.description.state) == 4 * config.num_layers
+    assert {s.name for s in fp32_spec.description.state} >= {"key_cache_residual_0", "value_cache_residual_5"}
     assert description.metadata.license == coreml.GEMMA_LICENSE
     assert description.metadata.userDefined["max_context"] == "128"
 
