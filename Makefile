@@ -12,7 +12,7 @@ OUT ?= artifacts
 PRECISION ?=
 precision_flags = $(foreach p,$(PRECISION),--precision $(p))
 
-.PHONY: setup test test-fast generate all clean bench-generate export-torchscript export-onnx export-coreml
+.PHONY: setup test test-fast generate all clean bench-generate export-torchscript export-onnx export-coreml validate bench report
 
 setup: $(VENV)/.installed
 
@@ -32,8 +32,19 @@ test-fast: setup
 generate: setup
 	$(CLI) generate --model "$(MODEL)" --prompt "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS)
 
-# The main job. Until the exporters land it generates with the reference model.
-all: generate
+# The main job: export every format and precision, validate each backend's own generate loop against
+# PyTorch, benchmark, and write artifacts/<model>/report/report.{json,md,html}.
+all: setup
+	$(CLI) all --model "$(MODEL)" --out "$(OUT)"
+
+validate: setup
+	$(CLI) validate --model "$(MODEL)" --out "$(OUT)"
+
+bench: setup
+	$(CLI) bench --model "$(MODEL)" --out "$(OUT)"
+
+report: setup
+	$(CLI) report --model "$(MODEL)" --out "$(OUT)"
 
 clean:
 	rm -rf artifacts/*/ .pytest_cache
