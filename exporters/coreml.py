@@ -243,13 +243,18 @@ class StatefulDecoder(nn.Module):
         return self.embedding.logits(self.final_norm(x[:, -1:]))
 
 
-def export(model: Gemma3Model, out_dir: Path, precision: str = "fp16", max_context: int = 2048,
+DEFAULT_MAX_CONTEXT = 2048
+
+
+def export(model: Gemma3Model, out_dir: Path, precision: str = "fp16", max_context: int | None = None,
            query_lengths: Sequence[int] = (1, 64, 512), lm_head_chunks: int = 16, progress: Progress = None,
            deployment_target: str = "iOS18") -> ExportedVariant:
     """Convert `model` into out_dir/<PACKAGE_NAMES[precision]> and describe it."""
     import coremltools as ct
 
     config = model.config
+    if max_context is None:  # 2048, or the whole context of a model that has less (tiny: 1024)
+        max_context = min(DEFAULT_MAX_CONTEXT, config.context_length)
     query_lengths = check_options(config, precision, max_context, tuple(query_lengths), lm_head_chunks,
                                   deployment_target)
     report(progress, "trace")

@@ -11,6 +11,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from exporters.artifact import Bundle, BundleWriter
 from exporters.signature import ExportedVariant
@@ -23,12 +24,13 @@ class FormatInfo:
     module: str
     precisions: tuple[str, ...]
     default_precision: str
+    options: tuple[str, ...] = ()  # keyword arguments the exporter takes besides the precision
 
 
 FORMATS: dict[str, FormatInfo] = {
     "torchscript": FormatInfo("exporters.torchscript", ("fp32", "bf16", "fp16"), "fp32"),
     "onnx": FormatInfo("exporters.onnx", ("fp32", "fp16", "int8", "int4"), "fp32"),
-    "coreml": FormatInfo("exporters.coreml", ("fp16", "fp32", "int8", "int4"), "fp16"),
+    "coreml": FormatInfo("exporters.coreml", ("fp16", "fp32", "int8", "int4"), "fp16", ("max_context",)),
 }
 
 
@@ -46,6 +48,14 @@ def check_precisions(fmt: str, precisions: list[str]) -> list[str]:
     return precisions or [info.default_precision]
 
 
+def check_format_options(fmt: str, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(format_info(fmt).options))
+    if unknown:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unknown)
+        takers = [name for name, info in FORMATS.items() if set(unknown) <= set(info.options)]
+        raise UserError(f"{flags} does not apply to {fmt}", f"drop it, or export {' or '.join(takers)} with it")
+
+
 def variant_key(exported: ExportedVariant) -> str:
     """Manifest key of a variant: its precision; a torch.export program beside a TorchScript file of the same
     precision is `<precision>-pt2`."""
@@ -53,15 +63,19 @@ def variant_key(exported: ExportedVariant) -> str:
 
 
 def export_bundle(loaded: LoadedModel, fmt: str, precisions: list[str], artifacts_root: Path,
-                  progress: Callable[[str], None] | None = None, wait: bool = False) -> Bundle:
+                  progress: Callable[[str], None] | None = None, wait: bool = False,
+                  format_options: dict[str, Any] | None = None) -> Bundle:
     """Export `precisions` of `fmt` into artifacts_root/<slug>/<fmt>/, keeping the bundle's other verified
-    variants; publish atomically (the previous bundle survives any failure or interruption)."""
+    variants; publish atomically (the previous bundle survives any failure or interruption). `format_options`
+    are keyword arguments of that format's exporter (Core ML: max_context)."""
     precisions = check_precisions(fmt, precisions)
+    format_options = format_options or {}
+    check_format_options(fmt, format_options)
     exporter = importlib.import_module(format_info(fmt).module)
     weights = loaded.weights
     with BundleWriter(artifacts_root, weights.slug, fmt, keep_existing_variants=True, wait=wait) as bundle:
         for precision in precisions:
-            exported = exporter.export(loaded.model, bundle.path, precision, progress=progress)
+            exported = exporter.export(loaded.model, bundle.path, precision, progress=progress, **format_options)
             for variant in exported if isinstance(exported, list) else [exported]:
                 fields = dataclasses.asdict(variant)
                 fields["precision"] = variant_key(variant)

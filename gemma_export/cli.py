@@ -10,7 +10,7 @@ import click
 import torch
 
 from exporters.artifact import Bundle
-from exporters.registry import FORMATS, check_precisions, export_bundle
+from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle
 from gemma_export.errors import entry_point
 from gemma_export.progress import StepProgress
 from gemma_export.validation_commands import finish, run_bench, run_validation, selection_from, write_report
@@ -86,14 +86,20 @@ def speed_summary(result: GenerationResult, weight_bytes_per_token: int) -> str:
               help="Repeatable. torchscript: fp32|bf16|fp16; onnx: fp32|fp16|int8|int4; coreml: fp16|fp32|int8|int4.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 @click.option("--wait", is_flag=True, help="Wait for another export into the same bundle instead of failing.")
+@click.option("--max-context", type=click.IntRange(min=1), default=None,
+              help="Core ML only: the fixed KV-cache length of the package (default 2048, up to the model's "
+                   "context, e.g. 32768).")
 def export_command(model_id: str, revision: str | None, fmt: str, precisions: tuple[str, ...], out_dir: Path,
-                   wait: bool) -> None:
+                   wait: bool, max_context: int | None) -> None:
     """Export the model to a verified artifact bundle: artifacts/<model>/<format>/."""
     chosen = check_precisions(fmt, list(precisions))
+    format_options = {} if max_context is None else {"max_context": max_context}
+    check_format_options(fmt, format_options)
     started = time.perf_counter()
     loaded = load(model_id, revision=revision)
     with StepProgress(f"export {fmt}") as progress:
-        bundle = export_bundle(loaded, fmt, chosen, out_dir, progress=progress, wait=wait)
+        bundle = export_bundle(loaded, fmt, chosen, out_dir, progress=progress, wait=wait,
+                               format_options=format_options)
     click.echo(bundle_summary(bundle, time.perf_counter() - started))
 
 

@@ -38,6 +38,7 @@ BAD_INPUTS = [
     (["generate", "--model", "random:tiny", "--prompt", "x", "--device", "tpu"], "--device"),
     (["generate", "--model", "random:tiny", "--prompt", "x", "--dtype", "int3"], "--dtype"),
     (["generate", "--model", "random:tiny", "--prompt", "x", "--bogus"], "--bogus"),
+    (["export", "--model", "random:tiny", "--format", "onnx", "--max-context", "64"], "does not apply to onnx"),
 ]
 
 

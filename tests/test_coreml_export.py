@@ -200,10 +200,12 @@ def real_config_only():
     return preset("270m")
 
 
-def test_progress_reports_each_step(tiny, tmp_path):
+def test_progress_reports_each_step_and_default_context_fits_the_model(tiny, tmp_path):
     steps = []
-    coreml.export(tiny.model, tmp_path, "int4", max_context=32, query_lengths=(1,), progress=steps.append)
+    exported = coreml.export(tiny.model, tmp_path, "int4", query_lengths=(1,), progress=steps.append)
     assert steps == ["trace", "convert", "compress", "save"]
+    # The default 2048 is more than tiny's whole context (1024): the package takes the model's context.
+    assert exported.options["max_context"] == tiny.model.config.context_length == 1024
 
 
 def test_runtime_decoder_needs_macos(tiny_packages):
