@@ -40,26 +40,36 @@ class Gemma3Config:
     layer_types: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
+        self.validate_sizes()  # before default_layer_types, which divides by the pattern and loops over the layers
         if not self.layer_types:
             object.__setattr__(self, "layer_types", default_layer_types(self.num_layers, self.sliding_window_pattern))
         self.validate()
 
-    def validate(self) -> None:
-        positive = ("vocab_size", "context_length", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                    "intermediate_size", "num_layers", "sliding_window")
-        for name in positive:
+    def validate_sizes(self) -> None:
+        for name, largest in SIZE_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise UserError(f"config field {name} must be a positive integer, got {value!r}",
+            if type(value) is not int or not 0 < value <= largest:
+                raise UserError(f"config field {name} must be an integer from 1 to {largest}, got {value!r}",
                                 "fix the model's config.json")
+
+    def validate(self) -> None:
+        self.validate_sizes()
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})",
                             "fix the model's config.json")
-        if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"sliding_attention", "full_attention"}:
+        if (not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.num_layers
+                or not all(kind in ("sliding_attention", "full_attention") for kind in self.layer_types)):
             raise UserError("config layer_types must list 'sliding_attention'/'full_attention' once per layer",
                             "fix the model's config.json")
-        if not self.rms_norm_eps > 0 or not self.query_pre_attn_scalar > 0:
-            raise UserError("config rms_norm_eps and query_pre_attn_scalar must be positive", "fix the model's config.json")
+        token_ids = (self.bos_token_id, self.pad_token_id, *self.eos_token_ids)
+        if not all(type(token_id) is int and token_id >= 0 for token_id in token_ids):
+            raise UserError(f"config token ids must be non-negative integers, got bos {self.bos_token_id!r}, "
+                            f"eos {self.eos_token_ids!r}, pad {self.pad_token_id!r}", "fix the model's config.json")
+        floats = (self.rope_local_base, self.rope_global_base, self.rope_global_scaling, self.query_pre_attn_scalar,
+                  self.rms_norm_eps)
+        if not all(type(value) in (int, float) and 0 < value < float("inf") for value in floats):
+            raise UserError("config rms_norm_eps, query_pre_attn_scalar and the RoPE bases and scaling must be "
+                            "positive finite numbers", "fix the model's config.json")
 
     def is_sliding(self, layer_index: int) -> bool:
         return self.layer_types[layer_index] == "sliding_attention"
@@ -92,12 +102,14 @@ class Gemma3Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Gemma3Config":
+        if not isinstance(data, dict):
+            raise UserError("config is not a JSON object", "fix the model's config.json")
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        for key in ("eos_token_ids", "layer_types"):
-            if key in values:
-                values[key] = tuple(values[key])
         try:
+            for key in ("eos_token_ids", "layer_types"):
+                if key in values:
+                    values[key] = tuple(values[key]) if isinstance(values[key], list) else values[key]
             return cls(**values)
         except TypeError as error:
             raise UserError(f"config is not a Gemma 3 config: {error}", "fix the model's config.json") from None
@@ -121,6 +133,15 @@ class Gemma3Config:
             "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids),
             "pad_token_id": self.pad_token_id, "torch_dtype": "float32",
         }
+
+
+# Upper bounds far above any Gemma 3 (27B: 62 layers, 262k vocabulary, 128k context) that keep a hostile
+# config from making us loop over billions of layers or size tensors past int32 before any file is read.
+MAX_DIMENSION = 2**31 - 1
+SIZE_LIMITS = {"vocab_size": MAX_DIMENSION, "context_length": MAX_DIMENSION, "hidden_size": MAX_DIMENSION,
+               "num_heads": MAX_DIMENSION, "num_kv_heads": MAX_DIMENSION, "head_dim": MAX_DIMENSION,
+               "intermediate_size": MAX_DIMENSION, "num_layers": 1024, "sliding_window": MAX_DIMENSION,
+               "sliding_window_pattern": 1024}
 
 
 def default_layer_types(num_layers: int, pattern: int) -> tuple[str, ...]:
@@ -160,14 +181,14 @@ def from_hf_config(data: dict[str, Any]) -> Gemma3Config:
     model_type = data.get("model_type", "gemma3_text")
     if model_type not in ("gemma3_text", "gemma3"):
         raise UserError(f"config.json describes a {model_type!r} model, not Gemma 3", "point at a Gemma 3 model")
-    eos = data.get("eos_token_id", [1, 106])
+    eos = _first(data, "eos_token_id", default=[1, 106])
     eos = tuple(eos) if isinstance(eos, list) else (eos,)
     if 106 not in eos:
         eos = eos + (106,)
     scaling = data.get("rope_scaling") or {}
-    num_layers = data.get("num_hidden_layers", 18)
-    pattern = data.get("sliding_window_pattern", 6)
-    layer_types = data.get("layer_types") or default_layer_types(num_layers, pattern)
+    if not isinstance(scaling, dict):
+        raise UserError(f"config.json rope_scaling must be an object, got {scaling!r}", "fix the model's config.json")
+    layer_types = data.get("layer_types") or ()
     try:
         return Gemma3Config(
             vocab_size=data.get("vocab_size", 262_144),
@@ -177,21 +198,21 @@ def from_hf_config(data: dict[str, Any]) -> Gemma3Config:
             num_kv_heads=data.get("num_key_value_heads", 1),
             head_dim=data.get("head_dim", 256),
             intermediate_size=data.get("intermediate_size", 2048),
-            num_layers=num_layers,
+            num_layers=data.get("num_hidden_layers", 18),
             sliding_window=data.get("sliding_window", 512),
-            sliding_window_pattern=pattern,
+            sliding_window_pattern=data.get("sliding_window_pattern", 6),
             rope_local_base=float(data.get("rope_local_base_freq", 10_000.0)),
             rope_global_base=float(data.get("rope_theta", 1_000_000.0)),
             rope_global_scaling=float(scaling.get("factor", 1.0)) if scaling.get("rope_type", "linear") == "linear" else 1.0,
             query_pre_attn_scalar=float(data.get("query_pre_attn_scalar", 256)),
             rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(data.get("tie_word_embeddings", True)),
-            bos_token_id=data.get("bos_token_id", 2),
+            bos_token_id=_first(data, "bos_token_id", default=2),
             eos_token_ids=eos,
-            pad_token_id=data.get("pad_token_id", 0),
-            layer_types=tuple(layer_types),
+            pad_token_id=_first(data, "pad_token_id", default=0),
+            layer_types=tuple(layer_types) if isinstance(layer_types, list) else layer_types,
         )
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise UserError(f"config.json has an invalid value: {error}", "fix the model's config.json") from None
 
 
@@ -200,8 +221,10 @@ def load_hf_config(path: Path) -> Gemma3Config:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} does not exist", "point at a folder with a Hugging Face config.json") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise UserError(f"{path} is not valid JSON ({error})", "re-download the model's config.json") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror})", "check the file and its permissions") from None
     return from_hf_config(data)
 
 
@@ -221,11 +244,11 @@ def from_gguf_metadata(metadata: dict[str, Any]) -> Gemma3Config:
         raise UserError(f"GGUF file is a {arch!r} model, not gemma3", "use a Gemma 3 GGUF file")
     def key(name: str, default: Any = None) -> Any:
         return metadata.get(f"gemma3.{name}", default)
-    head_dim = int(key("attention.key_length", 256))
-    num_layers = int(key("block_count", 18))
-    pattern = int(key("attention.sliding_window_pattern", 6))
     vocab = metadata.get("tokenizer.ggml.tokens")
     try:
+        head_dim = int(key("attention.key_length", 256))
+        num_layers = int(key("block_count", 18))
+        pattern = int(key("attention.sliding_window_pattern", 6))
         return Gemma3Config(
             vocab_size=len(vocab) if vocab else 262_144,
             context_length=int(key("context_length", 32_768)),
@@ -244,5 +267,5 @@ def from_gguf_metadata(metadata: dict[str, Any]) -> Gemma3Config:
             bos_token_id=int(metadata.get("tokenizer.ggml.bos_token_id", 2)),
             pad_token_id=int(metadata.get("tokenizer.ggml.padding_token_id", 0)),
         )
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise UserError(f"GGUF metadata has an invalid value: {error}", "use an unmodified Gemma 3 GGUF file") from None

@@ -183,15 +183,20 @@ def read_gguf_vocabulary(path: Path) -> Vocabulary:
 
     try:
         fields = gguf.GGUFReader(path).fields
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read GGUF file {path}: {error}", "re-download the .gguf file") from error
+    except Exception as error:  # the reader raises many kinds (ValueError, IndexError, struct errors) on bad files
+        raise UserError(f"cannot read GGUF file {path}: {type(error).__name__}: {error}",
+                        "re-download the .gguf file") from None
     model_field = fields.get("tokenizer.ggml.model")
-    if model_field is None or model_field.contents() != "llama" or "tokenizer.ggml.tokens" not in fields:
-        raise UserError(f"{path} has no SentencePiece vocabulary (tokenizer.ggml.model 'llama')",
-                        "use a Gemma 3 GGUF file")
-    return Vocabulary(pieces=fields["tokenizer.ggml.tokens"].contents(),
-                      scores=fields["tokenizer.ggml.scores"].contents(),
-                      types=fields["tokenizer.ggml.token_type"].contents())
+    vocabulary_fields = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+    has_vocabulary = all(name in fields for name in vocabulary_fields)
+    if model_field is None or model_field.contents() != "llama" or not has_vocabulary:
+        raise UserError(f"{path} has no SentencePiece vocabulary (tokenizer.ggml.model 'llama' with tokens, scores "
+                        "and token types)", "use a Gemma 3 GGUF file")
+    vocabulary = Vocabulary(*(fields[name].contents() for name in vocabulary_fields))
+    if not len(vocabulary.pieces) == len(vocabulary.scores) == len(vocabulary.types):
+        raise UserError(f"{path} lists {len(vocabulary.pieces)} tokens but {len(vocabulary.scores)} scores and "
+                        f"{len(vocabulary.types)} token types", "re-download the .gguf file")
+    return vocabulary
 
 
 def gguf_tokenizer_cache_path(gguf_path: Path) -> Path:

@@ -373,7 +373,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         raw_header = file.read(header_length)
     try:
         header = json.loads(raw_header)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise UserError(f"{path} has a garbled safetensors header", "re-download it") from None
     if not isinstance(header, dict):
         raise UserError(f"{path} has a garbled safetensors header", "re-download it")
@@ -386,12 +386,13 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
 
 def check_tensor_entry(path: Path, name: str, info: object, data_size: int) -> None:
     garbled = UserError(f"{path} has a garbled safetensors header entry for {name}", "re-download it")
-    if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPE_BYTES:
+    dtype = info.get("dtype") if isinstance(info, dict) else None
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BYTES:  # a list here is unhashable
         raise garbled
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise garbled
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
         raise garbled
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
@@ -492,5 +493,6 @@ def sha256_of_files(files: list[Path]) -> str:
 def safe_slug(name: str) -> str:
     """A folder name for artifacts/<slug>/: `owner/name` → `owner--name`; never '/', '..' or a leading dot."""
     slug = re.sub(r"[^A-Za-z0-9._-]", "-", name.replace("/", "--").replace("\\", "--"))
-    slug = re.sub(r"\.{2,}", ".", slug).lstrip(".-")[:120].rstrip(".")
+    # Trailing dots and dashes go too: exporters.artifact.safe_slug strips them, and must get this slug back.
+    slug = re.sub(r"\.{2,}", ".", slug).lstrip(".-")[:120].rstrip(".-")
     return slug or "model"
