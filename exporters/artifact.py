@@ -25,11 +25,13 @@ import platform
 import re
 import secrets
 import shutil
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from model.config import Gemma3Config
 from model.errors import UserError
@@ -81,11 +83,16 @@ def _unsafe_path_reason(bundle_dir: Path, relative: Any) -> str | None:
     if not isinstance(relative, str) or not relative:
         return f"path {relative!r} is not a non-empty string"
     pure = PurePosixPath(relative)
-    if "\\" in relative or pure.is_absolute() or ".." in pure.parts or pure.as_posix() != relative:
+    if ("\\" in relative or "\0" in relative or pure.is_absolute() or ".." in pure.parts or not pure.parts
+            or pure.as_posix() != relative):
         return f"path {relative!r} is not a plain relative path inside the bundle"
     if relative == MANIFEST:
         return "the manifest lists itself"
-    if not (bundle_dir / relative).resolve().is_relative_to(bundle_dir.resolve()):
+    try:
+        inside = (bundle_dir / relative).resolve().is_relative_to(bundle_dir.resolve())
+    except (OSError, RuntimeError):  # a name too long for the file system, a symbolic-link loop (RuntimeError)
+        return f"path {relative!r} cannot be resolved inside the bundle"
+    if not inside:
         return f"path {relative!r} leads outside the bundle through a symbolic link"
     return None
 
@@ -217,22 +224,45 @@ def _link_or_copy(source: Path, destination: Path) -> None:
         shutil.copy2(source, destination)
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends: the two renames of a swap, or a cleanup, then finish whole and
+    the interruption is raised right after (the kernel keeps a blocked signal pending)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _remove_bundle_folder(folder: Path) -> None:
+    """The manifest goes first: a removal cut short must not leave a folder whose manifest vouches for it."""
+    if folder.is_dir():
+        (folder / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _publish(staging: Path, target: Path) -> None:
     """Swap the staged folder into place. On any failure the previous bundle is back at `target`; a hard
     crash between the two renames leaves it in `.old-<pid>-…`, which the next writer puts back."""
     previous = None
-    if target.exists():
-        previous = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-        os.rename(target, previous)
-    try:
-        os.rename(staging, target)
-    except BaseException:
+    with _signals_deferred():
+        if target.exists():
+            previous = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.rename(target, previous)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            if previous is not None:
+                os.rename(previous, target)
+            raise
+        _fsync(target.parent)
         if previous is not None:
-            os.rename(previous, target)
-        raise
-    _fsync(target.parent)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+            _remove_bundle_folder(previous)
 
 
 def _process_is_alive(pid: int) -> bool:
@@ -377,6 +407,8 @@ def _manifest_problem(bundle_dir: Path, manifest: Any) -> str | None:
         if reason := _unsafe_path_reason(bundle_dir, entry.get("path")):
             return reason
         listed.add(entry["path"])
+    if not all(isinstance(precision, str) for precision in manifest["precisions"]):
+        return "precisions must be names"
     if not manifest["variants"] or sorted(manifest["precisions"]) != sorted(manifest["variants"]):
         return "precisions must name the variants, at least one"
     for precision, variant in manifest["variants"].items():
@@ -401,8 +433,10 @@ def _read_manifest(bundle_dir: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{bundle_dir} has no manifest.json: it is not a finished export",
                         "re-run gemma-export export") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise UserError(f"{manifest_path} is not valid JSON ({error})", "re-run gemma-export export") from None
+    except OSError as error:  # a folder named manifest.json, no permission to read it
+        raise UserError(f"cannot read {manifest_path} ({error.strerror})", "re-run gemma-export export") from None
     if isinstance(manifest, dict) and type(manifest.get("schema_version")) is int \
             and manifest["schema_version"] != SCHEMA_VERSION:
         raise UserError(f"{manifest_path} has schema_version {manifest['schema_version']}, this tool reads "
@@ -491,12 +525,13 @@ class BundleWriter:
             raise RuntimeError("BundleWriter closed without finish(): nothing was published")
 
     def _close(self) -> None:
-        try:
-            shutil.rmtree(self.path, ignore_errors=True)
-        finally:
-            if self._lock is not None:
-                _release_lock(self._lock)
-                self._lock = None
+        with _signals_deferred():  # a second Ctrl-C waits for the cleanup instead of cutting it short
+            try:
+                _remove_bundle_folder(self.path)
+            finally:
+                if self._lock is not None:
+                    _release_lock(self._lock)
+                    self._lock = None
 
     def add_variant(self, precision: str, files: list[str], io: dict[str, list[dict[str, Any]]],
                     options: dict[str, Any] | None = None, opset: int | None = None,

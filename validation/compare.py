@@ -11,6 +11,7 @@ Pass/fail floors live in one table per precision (`THRESHOLDS`); a verdict names
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +52,12 @@ THRESHOLDS: dict[str, Thresholds] = {
 }
 
 
+# A toy-sized model with random weights has no confident predictions: its top two logits are often closer
+# than 4-bit weight rounding moves them (random:tiny int4 agrees on 67–75 % of steps in ONNX and Core ML alike).
+# Its int4 floor only catches a broken export (which agrees on ~1/vocab of steps); the real model keeps 97 %.
+TOY_MIN_TOP1_AGREEMENT = {"int4": 0.5}
+
+
 def model_scale(config: Gemma3Config) -> str:
     return "tiny" if config.hidden_size <= PRESETS["tiny"].hidden_size else "real"
 
@@ -61,6 +68,8 @@ def thresholds_for(precision: str, config: Gemma3Config, max_abs_logit_diff: flo
     base = THRESHOLDS.get(precision, Thresholds())
     if precision == "fp32":
         base = replace(base, max_abs_logit_diff=FP32_MAX_LOGIT_DIFF[model_scale(config)])
+    if model_scale(config) == "tiny" and precision in TOY_MIN_TOP1_AGREEMENT:
+        base = replace(base, min_top1_agreement=TOY_MIN_TOP1_AGREEMENT[precision])
     if max_abs_logit_diff is not None:
         base = replace(base, max_abs_logit_diff=max_abs_logit_diff)
     if min_top1_agreement is not None:
@@ -226,6 +235,13 @@ def compare_runner(runner: Runner, references: Sequence[ReferenceRun], heldout_i
             "perplexity": perplexity(runner, heldout_ids), "size_bytes": runner.size_bytes, "prompts": prompts}
 
 
+def compare_opened(open_runner: Callable[[], Runner], references: Sequence[ReferenceRun],
+                   heldout_ids: Sequence[int], thresholds: Callable[[str], Thresholds]) -> dict[str, Any]:
+    """Open one runner and compare it; the runner is garbage as soon as this returns."""
+    runner = open_runner()
+    return compare_runner(runner, references, heldout_ids, thresholds(runner.precision))
+
+
 def crashed_result(name: str, spec: dict[str, str], error: BaseException) -> dict[str, Any]:
     """A runner that raised while opening or running fails with the error as its reason."""
     return {"runner": name, **spec, "verdict": "FAIL", "failures": [f"crashed: {type(error).__name__}: {error}"],
@@ -248,8 +264,10 @@ def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, s
         if on_runner is not None:
             on_runner(name)
         try:
-            runner = open_runner()
-            rows.append(compare_runner(runner, references, heldout_ids, thresholds(runner.precision)))
+            rows.append(compare_opened(open_runner, references, heldout_ids, thresholds))
         except Exception as error:  # noqa: BLE001 — one broken runtime must not hide the others' verdicts
             rows.append(crashed_result(name, spec, error))
+        # A `runner` variable in this loop would keep each runtime alive while the next one opens (two sets of
+        # weights at once); reference cycles inside a runtime (modules, sessions) need a collection to go.
+        gc.collect()
     return rows

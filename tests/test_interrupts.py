@@ -1,0 +1,267 @@
+"""Interrupted and concurrent exports, as a user causes them: `gemma-export` in a subprocess, stopped by SIGINT
+(Ctrl-C) or SIGTERM (`kill`, a CI timeout) in the middle of its work, or started twice into one folder.
+
+"In the middle" is observed, not guessed with a sleep: an export is interrupted once its staging folder
+(`<out>/<slug>/.<format>.tmp-<pid>-<hex>`, see BundleWriter) exists, i.e. it holds the lock and is writing.
+Each case then checks what a user relies on: the exit code, one `error:` line, the previous bundle verifying
+with the very same manifest, nothing left behind, and the next run working without clean-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from exporters.artifact import MANIFEST, load_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+SLUG = "random-tiny"
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USER_ERROR = 130, 143, 2
+SIGNAL_EXIT = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
+SIGNAL_MESSAGE = {signal.SIGINT: "error: interrupted", signal.SIGTERM: "error: terminated (SIGTERM)"}
+PROCESS_TIMEOUT_S = 900  # a tiny export takes ~10 s on a quiet machine, minutes on 2 busy cores
+LOCK_ERROR = re.compile(r"error: another export into (?P<target>\S+) is running \(pid (?P<pid>\d+), "
+                        r"lock (?P<lock>\S+\.lock)\); wait for it or use another --out")
+
+
+class Cli:
+    """One `python -m gemma_export ...` process, its output in files (a full pipe would block it)."""
+
+    def __init__(self, log_dir: Path, name: str, *args: str) -> None:
+        self.stdout_path, self.stderr_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            # SIGINT back to its default first: a test run from a background job inherits SIGINT ignored,
+            # and Python installs its KeyboardInterrupt handler only where SIGINT is not ignored.
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gemma_export", *args], cwd=REPO, stdout=stdout, stderr=stderr,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self) -> int:
+        try:
+            return self.process.wait(timeout=PROCESS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr_path.read_text().splitlines() if line.startswith("error:")]
+
+    def kill(self) -> None:
+        if self.running():
+            self.process.kill()
+            self.process.wait()
+
+
+def export(log_dir: Path, name: str, fmt: str, out: Path, *extra: str) -> Cli:
+    return Cli(log_dir, name, "export", "--format", fmt, "--model", "random:tiny", "--out", str(out), *extra)
+
+
+def staging_folders(out: Path, fmt: str, pid: int | None = None) -> list[Path]:
+    model_dir = out / SLUG
+    prefix = f".{fmt}.tmp-{pid}-" if pid is not None else f".{fmt}.tmp-"
+    return sorted(model_dir.glob(prefix + "*")) if model_dir.is_dir() else []
+
+
+def wait_until(condition, cli: Cli, what: str) -> None:
+    """Poll every 20 ms; fail with the process's stderr if it ends before `condition` holds."""
+    deadline = time.monotonic() + PROCESS_TIMEOUT_S
+    while not condition():
+        if not cli.running():
+            pytest.fail(f"the process ended (exit {cli.process.returncode}) before {what}:\n"
+                        f"{cli.stderr_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            cli.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def wait_for_staging(cli: Cli, out: Path, fmt: str, with_a_file: bool = False) -> Path:
+    """The export's own staging folder, once it exists (and, with `with_a_file`, once a file was written
+    into it: the interruption then has a half-written bundle to clean up)."""
+    def staged() -> bool:
+        found = staging_folders(out, fmt, cli.pid)
+        return bool(found) and (not with_a_file or any(found[0].iterdir()))
+    wait_until(staged, cli, f"its {fmt} staging folder appeared")
+    return staging_folders(out, fmt, cli.pid)[0]
+
+
+def leftovers(out: Path) -> list[str]:
+    """Hidden entries of the model folder other than the lock files, which are permanent by design."""
+    return sorted(p.name for p in (out / SLUG).iterdir() if p.name.startswith(".") and not p.name.endswith(".lock"))
+
+
+def manifests_in_leftovers(out: Path) -> list[str]:
+    return [name for name in leftovers(out) if (out / SLUG / name / MANIFEST).exists()]
+
+
+def assert_bundle_is_whole(bundle_dir: Path) -> dict:
+    """It verifies (every listed file's size and sha256), and holds no file the manifest does not list: all of
+    it comes from one export."""
+    bundle = load_bundle(bundle_dir)
+    on_disk = {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()}
+    assert on_disk - {MANIFEST} == {entry["path"] for entry in bundle.manifest["files"]}
+    return bundle.manifest
+
+
+def read_manifest(bundle_dir: Path) -> dict:
+    return json.loads((bundle_dir / MANIFEST).read_text())
+
+
+def assert_interrupted_cleanly(cli: Cli, sent: signal.Signals, out: Path, fmt: str, previous: dict) -> None:
+    assert cli.wait() == SIGNAL_EXIT[sent], cli.stderr_path.read_text()[-3000:]
+    assert cli.error_lines() == [SIGNAL_MESSAGE[sent]]
+    assert assert_bundle_is_whole(out / SLUG / fmt) == previous
+    assert manifests_in_leftovers(out) == []
+    assert leftovers(out) == []  # stronger: the staging folder is gone, not just manifest-less
+
+
+# ------------------------------------------------------------------------------------------ good bundles
+
+@pytest.fixture(scope="module")
+def good_bundles(tmp_path_factory) -> dict[str, Path]:
+    """One finished export per format (an artifacts root each), made once; tests work on copies."""
+    roots = {}
+    for fmt in ("torchscript", "onnx", "coreml"):
+        root = tmp_path_factory.mktemp(f"good-{fmt}")
+        cli = export(root, "export", fmt, root / "artifacts")
+        assert cli.wait() == 0, cli.stderr_path.read_text()[-3000:]
+        roots[fmt] = root / "artifacts"
+    return roots
+
+
+def copy_of(good: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "artifacts"
+    shutil.copytree(good, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- exports
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "coreml"])
+def test_interrupted_export_keeps_the_previous_bundle_and_the_next_run_works(fmt, good_bundles, tmp_path):
+    out = copy_of(good_bundles[fmt], tmp_path)
+    previous = read_manifest(out / SLUG / fmt)
+    # TorchScript writes model.pt seconds before it is done (model.pt2 follows), so its SIGINT case waits for a
+    # half-written bundle; ONNX and Core ML write their files only at the very end of a conversion.
+    for sent, with_a_file in ((signal.SIGINT, fmt == "torchscript"), (signal.SIGTERM, False)):
+        cli = export(tmp_path, f"interrupted-{sent.name}", fmt, out)
+        try:
+            staging = wait_for_staging(cli, out, fmt, with_a_file)
+            cli.process.send_signal(sent)
+            assert_interrupted_cleanly(cli, sent, out, fmt, previous)
+            assert not staging.exists()
+        finally:
+            cli.kill()
+    rerun = export(tmp_path, "rerun", fmt, out)
+    assert rerun.wait() == 0, rerun.stderr_path.read_text()[-3000:]
+    manifest = assert_bundle_is_whole(out / SLUG / fmt)
+    assert manifest["precisions"] == previous["precisions"]
+    assert leftovers(out) == []
+
+
+def test_interrupted_all_keeps_the_bundle_and_releases_it(good_bundles, tmp_path):
+    """`gemma-export all`: SIGINT while it exports keeps the previous bundle; SIGTERM while it validates (the
+    export is published by then) leaves that new bundle whole, and the export lock free."""
+    out = copy_of(good_bundles["torchscript"], tmp_path)
+    previous = read_manifest(out / SLUG / "torchscript")
+    args = ("all", "--model", "random:tiny", "--formats", "torchscript", "--out", str(out),
+            "--max-new-tokens", "2", "--decode-tokens", "2", "--repeats", "1")
+    cli = Cli(tmp_path, "all-sigint", *args)
+    try:
+        wait_for_staging(cli, out, "torchscript")
+        cli.process.send_signal(signal.SIGINT)
+        assert_interrupted_cleanly(cli, signal.SIGINT, out, "torchscript", previous)
+    finally:
+        cli.kill()
+
+    cli = Cli(tmp_path, "all-sigterm", *args)
+    try:
+        wait_until(lambda: "validate" in cli.stderr_path.read_text(), cli, "validation started")
+        cli.process.send_signal(signal.SIGTERM)
+        assert cli.wait() == EXIT_TERMINATED, cli.stderr_path.read_text()[-3000:]
+        assert cli.error_lines() == [SIGNAL_MESSAGE[signal.SIGTERM]]
+    finally:
+        cli.kill()
+    published = assert_bundle_is_whole(out / SLUG / "torchscript")
+    assert published["created_at"] > previous["created_at"]  # this run's export, published before validation
+    assert leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------------------- concurrency
+
+def test_second_export_fails_naming_the_lock_or_waits_with_wait(tmp_path):
+    """Deterministic: the first export is paused (SIGSTOP) while it holds the lock, mid-export. A second one
+    fails at once with one `error:` line naming the holder and the lock; a third with --wait finishes after
+    the first one resumes. The published bundle is whole."""
+    out = tmp_path / "artifacts"
+    first = export(tmp_path, "first", "torchscript", out)
+    second = third = None
+    try:
+        wait_for_staging(first, out, "torchscript")
+        first.process.send_signal(signal.SIGSTOP)
+        second = export(tmp_path, "second", "torchscript", out)
+        assert second.wait() == EXIT_USER_ERROR
+        [line] = second.error_lines()
+        match = LOCK_ERROR.fullmatch(line)
+        assert match, line
+        assert int(match["pid"]) == first.pid
+        assert Path(match["lock"]) == out / SLUG / ".torchscript.lock"
+        assert staging_folders(out, "torchscript") == staging_folders(out, "torchscript", first.pid)
+        third = export(tmp_path, "third", "torchscript", out, "--wait")
+        # Its progress line is drawn just before it asks for the lock, which the paused first export holds.
+        wait_until(lambda: "export torchscript" in third.stderr_path.read_text(), third, "it reached the lock")
+        assert staging_folders(out, "torchscript", third.pid) == []
+        first.process.send_signal(signal.SIGCONT)
+        assert first.wait() == 0, first.stderr_path.read_text()[-3000:]
+        assert third.wait() == 0, third.stderr_path.read_text()[-3000:]
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+        for cli in (first, second, third):
+            if cli is not None:
+                cli.kill()
+    assert_bundle_is_whole(out / SLUG / "torchscript")
+    assert leftovers(out) == []
+
+
+def test_two_exports_started_at_once_publish_one_whole_bundle(tmp_path):
+    """Both start together. Usually one takes the lock and the other fails naming it; if the machine lets one
+    finish before the other reaches the lock, both succeed in turn. Either way the bundle is one export's."""
+    out = tmp_path / "artifacts"
+    racers = [export(tmp_path, f"racer-{i}", "onnx", out) for i in range(2)]
+    try:
+        codes = [racer.wait() for racer in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
+    assert sorted(codes) in ([0, 0], [0, EXIT_USER_ERROR]), codes
+    for racer, code in zip(racers, codes):
+        if code == EXIT_USER_ERROR:
+            [line] = racer.error_lines()
+            match = LOCK_ERROR.fullmatch(line)
+            assert match and int(match["pid"]) == next(r.pid for r in racers if r is not racer), line
+    manifest = assert_bundle_is_whole(out / SLUG / "onnx")
+    winners = [racer for racer, code in zip(racers, codes) if code == 0]
+    assert str(out / SLUG / "onnx") in winners[-1].stdout()
+    assert manifest["precisions"] == ["fp32"]
+    assert leftovers(out) == []
