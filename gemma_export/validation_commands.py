@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from model.errors import UserError
 from model.loading import DEFAULT_MODEL, LoadedModel, load
 from validation import report as report_files
+from validation.baselines import BASELINE_CHOICES, baseline_model_files, baseline_spec, check_baselines
 from validation.bench import BenchJob, BenchSettings, bench_all
 from validation.compare import compare_all, load_heldout, load_prompts, thresholds_for
 from validation.runners import (COREML_COMPUTE_UNITS, FORMAT_CHOICES, IN_MEMORY_FORMAT, ONNX_PROVIDERS,
@@ -103,20 +105,28 @@ def run_validation(loaded: LoadedModel, artifacts_root: Path, selection: Selecti
 
 
 def run_bench(loaded: LoadedModel, artifacts_root: Path, selection: Selection = Selection(),
-              settings: BenchSettings = BenchSettings(), bandwidth_megabytes: int = 1024) -> Outcome:
-    """Benchmark every available runner, each in a fresh process; save bench.json into the report folder."""
-    specs, _, skipped, errors = prepare(loaded, artifacts_root, selection)
+              settings: BenchSettings = BenchSettings(), bandwidth_megabytes: int = 1024,
+              baselines: Sequence[str] = ()) -> Outcome:
+    """Benchmark every available runner and each requested baseline (llama.cpp, transformers), each in a fresh
+    process; save bench.json, with every runner's ratios to the baselines, into the report folder."""
     weights = loaded.weights
+    baselines = list(dict.fromkeys(baselines))
+    check_baselines(baselines, weights)
+    specs, _, skipped, errors = prepare(loaded, artifacts_root, selection)
     jobs = [BenchJob(spec, str(artifacts_root), weights.slug, weights.source_id, weights.weight_sha256, settings)
             for spec in specs]
-    with tqdm(total=len(jobs), desc="bench", unit="runner") as bar:
-        def advance(name: str) -> None:
-            bar.set_postfix_str(name)
-            bar.update(1)
-        measured = bench_all(jobs, bandwidth_megabytes, on_runner=advance)
+    with baseline_model_files(weights) if baselines else contextlib.nullcontext() as files:
+        baseline_jobs = [BenchJob(baseline_spec(name, files), str(artifacts_root), weights.slug, weights.source_id,
+                                  weights.weight_sha256, settings, model_path=str(files.path_for(name)))
+                         for name in baselines]
+        with tqdm(total=len(jobs) + len(baseline_jobs), desc="bench", unit="runner") as bar:
+            def advance(name: str) -> None:
+                bar.set_postfix_str(name)
+                bar.update(1)
+            measured = bench_all(jobs, bandwidth_megabytes, on_runner=advance, baseline_jobs=baseline_jobs)
     piece = {"model": model_entry(loaded), **measured, "skipped": skipped, "bundle_errors": errors}
     report_files.save_piece(report_files.report_dir(artifacts_root, weights.slug), "bench", piece)
-    failed = [row["runner"] for row in measured["runners"] if "error" in row]
+    failed = [row["runner"] for row in [*measured["runners"], *measured["baselines"]] if "error" in row]
     return Outcome(piece, failed, errors)
 
 
@@ -131,7 +141,7 @@ def write_report(artifacts_root: Path, slug: str) -> dict[str, Path]:
 def finish(outcome: Outcome, paths: dict[str, Path], what: str) -> None:
     """Print where the report is; exit non-zero naming each failing runner, then each broken bundle."""
     click.echo(f"report: {paths['md']}  {paths['html']}")
-    for row in outcome.piece["runners"]:
+    for row in [*outcome.piece["runners"], *outcome.piece.get("baselines", [])]:
         if row["runner"] in outcome.failed_runners:
             reasons = row.get("failures") or [row.get("error", "")]
             click.echo(f"FAIL {row['runner']}: {'; '.join(reasons)}", err=True)
@@ -201,15 +211,21 @@ def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], pre
               help="Timed runs per measurement (median), after one warm-up run.")
 @click.option("--bandwidth-mb", type=click.IntRange(min=16), default=1024, show_default=True,
               help="Buffer size of the read-bandwidth measurement.")
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(BASELINE_CHOICES),
+              help="Repeatable: also measure what a user would run instead, in the same run, and report every "
+                   "runner's ratio to it. llama.cpp needs a GGUF model and pip install -e \".[baseline]\"; "
+                   "transformers runs the same weights in fp32.")
 def bench_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
                   devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
-                  threads: int, decode_tokens: int, prefill_tokens: int, repeats: int, bandwidth_mb: int) -> None:
-    """Measure load time, TTFT, prefill/decode tok/s, peak RSS and % of the bandwidth ceiling per runner."""
+                  threads: int, decode_tokens: int, prefill_tokens: int, repeats: int, bandwidth_mb: int,
+                  baselines: tuple[str, ...]) -> None:
+    """Measure load time, TTFT, prefill/decode tok/s, peak RSS and % of the bandwidth ceiling per runner, and
+    with --baseline each runner's ratio to llama.cpp and/or transformers."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)
     loaded = load(model_id)
     settings = BenchSettings(threads=threads, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                              repeats=repeats)
-    outcome = run_bench(loaded, out_dir, selection, settings, bandwidth_mb)
+    outcome = run_bench(loaded, out_dir, selection, settings, bandwidth_mb, baselines)
     finish(outcome, write_report(out_dir, loaded.weights.slug), "benchmark")
 
 

@@ -3,7 +3,8 @@ decode speed as a share of the memory-bandwidth ceiling (weight bytes read per t
 
 Each runner is measured in a fresh process (`python -m validation.bench --one <job json>`), so its peak RSS is
 its own and the memory of one runtime is given back before the next starts. Timings are medians of
-`repeats` runs after one warm-up run that is not counted.
+`repeats` runs after one warm-up run that is not counted. The baselines (validation/baselines.py: llama.cpp,
+transformers) are measured the same way in the same run, and every runner row gets its ratio to each of them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from validation.bandwidth import ceiling_tokens_per_second, measure_read_bandwidth
-from validation.runners import BACKENDS, Runner, RunnerSpec, load_bundles, make_runner, set_thread_count
+from validation.baselines import BASELINE_CHOICES, add_ratios, import_runtime, open_baseline
+
+if TYPE_CHECKING:
+    from validation.runners import Runner, RunnerSpec
+
+# torch and the runners are imported inside the functions that need them: a baseline's process (see
+# validation/baselines.py) measures llama.cpp with this module and must not carry torch in its peak RSS.
 
 WARMUP_RUNS = 1
 RESULT_PREFIX = "BENCH-RESULT "
@@ -50,15 +56,18 @@ class BenchJob:
     model_id: str
     weight_sha256: str
     settings: BenchSettings
+    model_path: str = ""  # the GGUF file or Hugging Face folder a baseline opens; "" for our runners
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "spec": self.spec.to_dict()})
 
     @classmethod
     def from_json(cls, text: str) -> "BenchJob":
+        from validation.runners import RunnerSpec
+
         data = json.loads(text)
-        return cls(RunnerSpec.from_dict(data["spec"]), data["artifacts_root"], data["slug"], data["model_id"],
-                   data["weight_sha256"], BenchSettings(**data["settings"]))
+        return cls(**{**data, "spec": RunnerSpec.from_dict(data["spec"]),
+                      "settings": BenchSettings(**data["settings"])})
 
 
 def prompt_ids(length: int, vocab_size: int) -> list[int]:
@@ -100,13 +109,22 @@ def decode_tokens_per_second(runner: Runner, settings: BenchSettings) -> float:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set. On Linux from /proc/self/status (VmHWM): getrusage's ru_maxrss keeps
+    the high-water mark of the image before exec, so a bench child would report at least its parent's RSS."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if platform.system() == "Darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def run_job(job: BenchJob) -> dict[str, Any]:
-    """Open and measure one runner in this process."""
+    """Open and measure one of our runners in this process (reading our weights or bundle is not timed)."""
     from model.loading import load
+    from validation.runners import BACKENDS, load_bundles, make_runner, set_thread_count
 
     settings = job.settings
     set_thread_count(settings.threads)
@@ -118,7 +136,26 @@ def run_job(job: BenchJob) -> dict[str, Any]:
         raise RuntimeError(problems[0].reason)
     started = time.perf_counter()
     runner = make_runner(job.spec, bundles, model, threads=settings.threads)
-    load_seconds = time.perf_counter() - started
+    return measure(runner, settings, load_seconds=time.perf_counter() - started)
+
+
+def baseline_context_tokens(settings: BenchSettings) -> int:
+    """Room enough that `measure` runs the full prefill length (it leaves the TTFT prompt and decode room)."""
+    return settings.prefill_tokens + settings.ttft_prompt_tokens + settings.decode_tokens
+
+
+def run_baseline_job(data: dict[str, Any]) -> dict[str, Any]:
+    """Open and measure a baseline (a BenchJob's JSON, read without our runners' modules) in this process; its
+    load time is all of its own reading of the model."""
+    settings = BenchSettings(**data["settings"])
+    import_runtime(data["spec"]["backend"])
+    started = time.perf_counter()
+    runner = open_baseline(data["spec"], Path(data["model_path"]), baseline_context_tokens(settings),
+                           settings.threads)
+    return measure(runner, settings, load_seconds=time.perf_counter() - started)
+
+
+def measure(runner: Runner, settings: BenchSettings, load_seconds: float) -> dict[str, Any]:
     room = runner.context_tokens - settings.decode_tokens - settings.ttft_prompt_tokens
     prefill_length = max(1, min(settings.prefill_tokens, room))
     return {"load_seconds": load_seconds,
@@ -144,15 +181,16 @@ def run_job_in_subprocess(job: BenchJob) -> dict[str, Any]:
 
 
 def with_ceiling(measured: dict[str, Any], bandwidth_bytes_per_second: float) -> dict[str, Any]:
+    from validation.bandwidth import ceiling_tokens_per_second
+
     ceiling = ceiling_tokens_per_second(measured["weight_bytes_per_token"], bandwidth_bytes_per_second)
     return {**measured, "ceiling_tokens_per_second": ceiling,
             "percent_of_ceiling": 100 * measured["decode_tokens_per_second"] / ceiling}
 
 
-def bench_all(jobs: Sequence[BenchJob], bandwidth_megabytes: int = 1024,
-              on_runner: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure the read bandwidth once, then each job in its own process; a job that fails is reported."""
-    bandwidth = measure_read_bandwidth(bandwidth_megabytes)
+def measure_jobs(jobs: Sequence[BenchJob], bandwidth: float,
+                 on_runner: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    """Each job in its own process, one row each; a job that fails has its error in its row."""
     rows = []
     for job in jobs:
         if on_runner is not None:
@@ -163,16 +201,34 @@ def bench_all(jobs: Sequence[BenchJob], bandwidth_megabytes: int = 1024,
         except (RuntimeError, subprocess.TimeoutExpired) as error:
             row["error"] = str(error)
         rows.append(row)
-    settings = asdict(jobs[0].settings) if jobs else {}
+    return rows
+
+
+def bench_all(jobs: Sequence[BenchJob], bandwidth_megabytes: int = 1024,
+              on_runner: Callable[[str], None] | None = None,
+              baseline_jobs: Sequence[BenchJob] = ()) -> dict[str, Any]:
+    """Measure the read bandwidth once, then each runner and each baseline in its own process; every runner
+    row gets `vs_baselines`, its ratio to each baseline that was measured."""
+    from validation.bandwidth import measure_read_bandwidth
+
+    bandwidth = measure_read_bandwidth(bandwidth_megabytes)
+    rows = measure_jobs(jobs, bandwidth, on_runner)
+    baselines = measure_jobs(baseline_jobs, bandwidth, on_runner)
+    add_ratios(rows, baselines)
+    every_job = [*jobs, *baseline_jobs]
+    settings = asdict(every_job[0].settings) if every_job else {}
     return {"read_bandwidth_bytes_per_second": bandwidth, "bandwidth_buffer_megabytes": bandwidth_megabytes,
-            "settings": settings, "runners": rows}
+            "settings": settings, "runners": rows, "baselines": baselines}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Benchmark one runner (used by `gemma-export bench`).")
     parser.add_argument("--one", required=True, help="a BenchJob as JSON")
-    job = BenchJob.from_json(parser.parse_args(argv).one)
-    print(RESULT_PREFIX + json.dumps(run_job(job)), flush=True)
+    text = parser.parse_args(argv).one
+    data = json.loads(text)
+    measured = (run_baseline_job(data) if data["spec"]["backend"] in BASELINE_CHOICES
+                else run_job(BenchJob.from_json(text)))
+    print(RESULT_PREFIX + json.dumps(measured), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from exporters.artifact import library_versions
+from validation.baselines import RATIO_METRICS
 
 PIECES = ("validation", "bench")
 ZERO_DIFFERENCE_FLOOR = 1e-9  # where an exact 0 is drawn on the log axis
@@ -162,7 +163,44 @@ def markdown(report: dict[str, Any]) -> str:
     skipped = skipped_by_reason(report)
     if skipped:
         lines += ["", "## Skipped", ""] + [f"- {reason}: {', '.join(runners)}" for reason, runners in skipped.items()]
+    baselines = report.get("bench", {}).get("baselines", [])
+    if baselines:
+        lines += ["", "## Against the baselines", "", BASELINE_NOTE, ""]
+        lines += markdown_table(BASELINE_HEADER, [baseline_cells(row) for row in baselines])
+        ratio_rows = ratio_table_rows(report)
+        if ratio_rows:
+            lines += [""] + markdown_table(RATIO_HEADER, ratio_rows)
     return "\n".join(lines) + "\n"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |"
+                                                                              for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+BASELINE_NOTE = ("What a user would run instead, measured in the same run on the same machine. × = runner ÷ "
+                 "baseline: decode and prefill above 1 mean the runner is faster; TTFT and peak RSS below 1 mean it "
+                 "answers sooner and uses less memory.")
+BASELINE_HEADER = ["baseline", "precision", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS",
+                   "size", "error"]
+RATIO_HEADER = ["runner", "vs baseline", "decode ×", "prefill ×", "TTFT ×", "peak RSS ×"]  # as RATIO_METRICS
+
+
+def baseline_cells(row: dict[str, Any]) -> list[str]:
+    ttft = row.get("time_to_first_token_seconds")
+    return [row["backend"], row["precision"], number(row.get("load_seconds"), ".2f"),
+            "—" if ttft is None else f"{1000 * ttft:.1f}", number(row.get("prefill_tokens_per_second"), ".0f"),
+            number(row.get("decode_tokens_per_second"), ".1f"), size_text(row.get("peak_rss_bytes")),
+            size_text(row.get("size_bytes")), row.get("error", "")]
+
+
+def ratio_table_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per (runner, baseline) pair with the runner ÷ baseline ratios bench saved."""
+    return [[row["runner"], baseline, *(number(ratio.get(metric), ".2f") for metric in RATIO_METRICS)]
+            for row in report.get("bench", {}).get("runners", [])
+            for baseline, ratio in row.get("vs_baselines", {}).items()]
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -238,14 +276,16 @@ def top1_plot(rows: Sequence[dict[str, Any]]) -> str | None:
         close(figure)
 
 
-def decode_speed_plot(rows: Sequence[dict[str, Any]]) -> str | None:
-    measured = [row for row in rows if row["bench"].get("decode_tokens_per_second") is not None]
+def decode_speed_plot(rows: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]] = ()) -> str | None:
+    """Decode tok/s of every runner (blue) and baseline (grey) against its memory-bandwidth ceiling."""
+    measured = [row for row in [*rows, *({"runner": f"{b['runner']} (baseline)", "bench": b} for b in baselines)]
+                if row["bench"].get("decode_tokens_per_second") is not None]
     if not measured:
         return None
     figure, axes = new_figure(0.45 * len(measured) + 1.2)
     names = [row["runner"] for row in measured]
-    axes.barh(names, [row["bench"]["decode_tokens_per_second"] for row in measured], color="#1565c0",
-              label="decode tok/s (median)")
+    axes.barh(names, [row["bench"]["decode_tokens_per_second"] for row in measured], label="decode tok/s (median)",
+              color=["#757575" if row["runner"].endswith("(baseline)") else "#1565c0" for row in measured])
     for index, row in enumerate(measured):
         ceiling = row["bench"]["ceiling_tokens_per_second"]
         axes.plot([ceiling] * 2, [index - 0.45, index + 0.45], color="#e65100", linewidth=2.5,
@@ -253,6 +293,31 @@ def decode_speed_plot(rows: Sequence[dict[str, Any]]) -> str | None:
     axes.set_xscale("log")
     axes.invert_yaxis()
     axes.set_xlabel("tokens per second (log)")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    try:
+        return figure_png(figure)
+    finally:
+        close(figure)
+
+
+def baseline_ratio_plot(report: dict[str, Any]) -> str | None:
+    """Bars of runner ÷ baseline, one group per (runner, baseline) pair, with the line of parity at 1."""
+    pairs = [(f"{row['runner']} vs {baseline}", ratio) for row in report.get("bench", {}).get("runners", [])
+             for baseline, ratio in row.get("vs_baselines", {}).items()]
+    if not pairs:
+        return None
+    figure, axes = new_figure(0.9 * len(pairs) + 1.2)
+    labels = {"decode_tokens_per_second": "decode tok/s ×", "prefill_tokens_per_second": "prefill tok/s ×",
+              "time_to_first_token_seconds": "TTFT × (lower is better)"}
+    height = 0.8 / len(labels)
+    for offset, (metric, label) in enumerate(labels.items()):
+        positions = [index + (offset - 1) * height for index in range(len(pairs))]
+        values = [ratio.get(metric) or 0.0 for _, ratio in pairs]
+        axes.barh(positions, values, height=height, label=label)
+    axes.axvline(1.0, color="black", linewidth=1)
+    axes.set_yticks(range(len(pairs)), [name for name, _ in pairs])
+    axes.invert_yaxis()
+    axes.set_xlabel("runner ÷ baseline (1 = parity)")
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     try:
         return figure_png(figure)
@@ -298,9 +363,10 @@ def detail_cells(row: dict[str, Any]) -> list[str]:
             size_text(rss), summary[9]]
 
 
-def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], verdict_column: int | None = 3) -> str:
     head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
-    body = "".join("<tr>" + "".join(f'<td class="{html.escape(cell)}">{html.escape(cell)}</td>' if index == 3
+    body = "".join("<tr>" + "".join(f'<td class="{html.escape(cell)}">{html.escape(cell)}</td>'
+                                    if index == verdict_column
                                     else f"<td>{html.escape(cell)}</td>" for index, cell in enumerate(row)) + "</tr>"
                    for row in rows)
     return (f"<div class='scroll'><table class='details'><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
@@ -316,6 +382,18 @@ def html_plot(title: str, png: str | None, caption: str) -> str:
         return ""
     return (f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
             f"<p class='meta'>{html.escape(caption)}</p>")
+
+
+def html_baselines(report: dict[str, Any]) -> str:
+    baselines = report.get("bench", {}).get("baselines", [])
+    if not baselines:
+        return ""
+    ratio_rows = ratio_table_rows(report)
+    return ("<h2>Against the baselines</h2>" f"<p class='meta'>{html.escape(BASELINE_NOTE)}</p>"
+            + html_table(BASELINE_HEADER, [baseline_cells(row) for row in baselines], verdict_column=None)
+            + (html_table(RATIO_HEADER, ratio_rows, verdict_column=None) if ratio_rows else "")
+            + html_plot("Runner ÷ baseline", baseline_ratio_plot(report),
+                        "Decode and prefill: above 1 the runner is faster. TTFT: below 1 it answers sooner."))
 
 
 def html_report(report: dict[str, Any]) -> str:
@@ -344,8 +422,10 @@ def html_report(report: dict[str, Any]) -> str:
                   f"Teacher forcing: every runner is fed the reference's greedy tokens. Log scale; exact zeros are "
                   f"drawn at {ZERO_DIFFERENCE_FLOOR:g}."),
         html_plot("Top-1 agreement", top1_plot(rows), "Green: PASS, red: FAIL."),
-        html_plot("Decode speed", decode_speed_plot(rows),
-                  "Orange: the memory-bandwidth ceiling, read bandwidth ÷ weight bytes read per token."),
+        html_plot("Decode speed", decode_speed_plot(rows, bench.get("baselines", [])),
+                  "Orange: the memory-bandwidth ceiling, read bandwidth ÷ weight bytes read per token. Grey: "
+                  "baselines."),
+        html_baselines(report),
         "<h2>Prompts</h2>" + html_list(prompts) if prompts else "",
         f"<h2>Versions</h2><p class='meta'>{html.escape(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}"
         f"</p>",
