@@ -12,7 +12,7 @@ OUT ?= artifacts
 PRECISION ?=
 precision_flags = $(foreach p,$(PRECISION),--precision $(p))
 
-.PHONY: setup test test-fast generate all clean bench-generate export-torchscript export-onnx export-coreml validate bench report
+.PHONY: setup test test-fast fuzz generate all clean bench-generate export-torchscript export-onnx export-coreml validate bench report
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not real" $(PYTEST_ARGS)
+
+# The property-based tests of every untrusted-input reader with the long budget (`make test` runs a short one).
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
 
 generate: setup
 	$(CLI) generate --model "$(MODEL)" --prompt "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS)
