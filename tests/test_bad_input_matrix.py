@@ -300,7 +300,9 @@ CASES = [
     Case("bundle file modified after export / deleted", modified_and_deleted,
          ("model.pt was modified after export (sha256 mismatch)", "model.onnx listed in the manifest is missing")),
     Case("a .onnx / .mlpackage that is garbage", garbage_model_files,
-         ("FAIL onnxruntime fp32 cpu: crashed: InvalidProtobuf", "FAIL coreml-mil fp16"),
+         ("FAIL onnxruntime fp32 cpu: onnxruntime cannot load model.onnx (InvalidProtobuf",
+          "FAIL coreml-mil fp16 numpy: coreml-mil cannot load model.mlpackage",
+          "re-export it: gemma-export export --format onnx --precision fp32"),
          last_line="validation failed for: ", exit_code=1, fix_required=False),
 ]
 
@@ -345,8 +347,8 @@ NOTES = [
     "Hub cases run the real huggingface_hub code against a local stand-in for huggingface.co (HF_ENDPOINT). "
     "The read-only case, when run as root, drops CAP_DAC_OVERRIDE so the folder's mode is honoured. "
     "A full disk is simulated in-process (the model file's write fails with ENOSPC).",
-    "A garbage model file behind a valid manifest is reported per runner (`FAIL <runner>: crashed: …`, exit 1), "
-    "not as an `error:` line.",
+    "A garbage model file behind a valid manifest fails that runner by name with the cause and the fix "
+    "(`FAIL <runner>: <runtime> cannot load <file> (…); re-export it: …`), and validation exits 1 naming it.",
 ]
 
 

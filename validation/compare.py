@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from model.config import PRESETS, Gemma3Config
+from model.errors import UserError
 from model.tokenizer import GemmaTokenizer
 from validation.runners import Runner
 
@@ -244,8 +245,9 @@ def compare_opened(open_runner: Callable[[], Runner], references: Sequence[Refer
 
 def crashed_result(name: str, spec: dict[str, str], error: BaseException) -> dict[str, Any]:
     """A runner that raised while opening or running fails with the error as its reason."""
-    return {"runner": name, **spec, "verdict": "FAIL", "failures": [f"crashed: {type(error).__name__}: {error}"],
-            "prompts": []}
+    reason = (f"{error.cause}; {error.fix}" if isinstance(error, UserError)
+              else f"crashed: {type(error).__name__}: {error}")
+    return {"runner": name, **spec, "verdict": "FAIL", "failures": [reason], "prompts": []}
 
 
 def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, str], Callable[[], Runner]]],

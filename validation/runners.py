@@ -370,11 +370,23 @@ def open_bundle_file(spec: RunnerSpec, context: OpenContext) -> Runner:
     backend = BACKENDS[spec.backend]
     bundle = context.bundles[backend.bundle_format]
     variant = bundle.variant(spec.variant_key)
-    decoder = DECODER_OPENERS[spec.backend](variant, spec, context)
+    try:
+        decoder = DECODER_OPENERS[spec.backend](variant, spec, context)
+    except UserError:
+        raise
+    except Exception as error:  # its hashes matched the manifest, yet the runtime cannot read it
+        raise UserError(f"{spec.backend} cannot load {variant.files[0].name} ({type(error).__name__}: "
+                        f"{first_line(error)})", f"re-export it: gemma-export export --format "
+                        f"{backend.bundle_format} --precision {spec.precision}") from error
     size = variant_size(variant)
     context_tokens = min(bundle.config.context_length, variant.options.get("max_context", bundle.config.context_length))
     # A decode step reads every weight once, and the weights are (nearly all of) the file.
     return Runner(spec, decoder, bundle.config.vocab_size, size, size, context_tokens)
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else ""
 
 
 def open_torchscript(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
