@@ -16,6 +16,8 @@ from gemma_export.progress import StepProgress
 from gemma_export.validation_commands import finish, run_bench, run_validation, selection_from, write_report
 from gemma_export.validation_commands import register as register_validation_commands
 from validation.bench import BenchSettings
+from validation.runners import IN_MEMORY_FORMAT, REFERENCE_PRECISION
+from model.errors import UserError
 from model.generate import GenerationResult, Sampling, generate
 from model.loading import DEFAULT_MODEL, DTYPES, load
 from model.tokenizer import GemmaTokenizer
@@ -116,27 +118,57 @@ def bundle_summary(bundle: Bundle, seconds: float) -> str:
 @model_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 @click.option("--formats", multiple=True, type=click.Choice(list(FORMATS)), help="Repeatable; default: all.")
+@click.option("--precisions", "precision_filters", multiple=True,
+              help="Repeatable; default: every precision of each format. `fp32` picks it in every format that has "
+                   "it, `onnx:int4` in that format only.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = every core.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...], threads: int,
-                max_new_tokens: int, decode_tokens: int, repeats: int) -> None:
+def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
+                precision_filters: tuple[str, ...], threads: int, max_new_tokens: int, decode_tokens: int,
+                repeats: int) -> None:
     """Export every format and precision, validate, bench and report (what the host can't run is skipped,
     and the report says why)."""
+    plan = export_plan(formats or tuple(FORMATS), precision_filters)
     loaded = load(model_id, revision=revision)
-    for fmt in formats or FORMATS:
+    for fmt, precisions in plan.items():
         started = time.perf_counter()
         with StepProgress(f"export {fmt}") as progress:
-            bundle = export_bundle(loaded, fmt, list(FORMATS[fmt].precisions), out_dir, progress=progress)
+            bundle = export_bundle(loaded, fmt, precisions, out_dir, progress=progress)
         click.echo(bundle_summary(bundle, time.perf_counter() - started))
-    selection = selection_from(formats, (), (), (), ())
+    # Only the precisions exported now are judged (not an older bundle's other variants), beside
+    # the in-memory PyTorch runners: the reference and its torch.compile'd twin.
+    exported = {precision for precisions in plan.values() for precision in precisions} | {REFERENCE_PRECISION}
+    selection = selection_from((*plan, IN_MEMORY_FORMAT), tuple(sorted(exported)), (), (), ())
     validation = run_validation(loaded, out_dir, selection, max_new_tokens=max_new_tokens, threads=threads)
     bench = run_bench(loaded, out_dir, selection, BenchSettings(threads=threads, decode_tokens=decode_tokens,
                                                                  repeats=repeats))
     paths = write_report(out_dir, loaded.weights.slug)
     finish(validation, paths, "validation")  # exits non-zero naming failing runners before bench is judged
     finish(bench, paths, "bench")
+
+
+def export_plan(formats: tuple[str, ...], precision_filters: tuple[str, ...]) -> dict[str, list[str]]:
+    """Format → precisions to export. A filter is `precision` (every format that has it) or `format:precision`."""
+    plan = {fmt: [] for fmt in formats}
+    for item in precision_filters:
+        fmt, _, precision = item.rpartition(":")
+        targets = [fmt] if fmt else [name for name in formats if precision in FORMATS[name].precisions]
+        if fmt:
+            check_precisions(fmt, [precision])
+            if fmt not in plan:
+                raise UserError(f"--precisions {item} names {fmt}, which this run does not export",
+                                f"add --formats {fmt} or drop that filter")
+        if not targets:
+            raise UserError(f"no format in this run has precision {precision!r}",
+                            "use e.g. fp32, fp16, int8, int4 or format:precision")
+        for target in targets:
+            if precision not in plan[target]:
+                plan[target].append(precision)
+    if not precision_filters:
+        return {fmt: list(FORMATS[fmt].precisions) for fmt in formats}
+    return {fmt: precisions for fmt, precisions in plan.items() if precisions}
 
 
 register_validation_commands(cli)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,3 +40,41 @@ def real_long_prompt_ids(real):
     ids = real.tokenizer.encode(LONG_TEXT * 12)
     assert len(ids) > real.model.config.sliding_window + 16
     return ids[:600]
+
+
+# `gemma-export all` on the real model in CI: fp32 of every format and one compressed precision each, beside
+# Core ML's default fp16. Small step counts: the numbers are checked, not the speed.
+REAL_ALL_PRECISIONS = ("fp32", "torchscript:bf16", "onnx:int4", "coreml:fp16", "coreml:int4")
+# tiny: every backend (fp32 of each format) and the 4-bit variants, whose toy-model floor the run must pass.
+TINY_ALL_PRECISIONS = ("fp32", "onnx:int4", "coreml:int4")
+E2E_SETTINGS = ("--max-new-tokens", "8", "--decode-tokens", "8", "--repeats", "1")
+
+
+def run_all_command(out, *args: str) -> subprocess.CompletedProcess:
+    """`gemma-export all` in a subprocess, as a user runs it."""
+    command = [sys.executable, "-m", "gemma_export", "all", "--out", str(out), *E2E_SETTINGS, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=3600)
+
+
+@pytest.fixture(scope="session")
+def tiny_all(tmp_path_factory):
+    """Every format at every precision of random:tiny, validated, benched and reported: (artifacts, result)."""
+    out = tmp_path_factory.mktemp("all-tiny")
+    precisions = [flag for item in TINY_ALL_PRECISIONS for flag in ("--precisions", item)]
+    return out, run_all_command(out, "--model", "random:tiny", "--threads", "1", *precisions)
+
+
+@pytest.fixture(scope="session")
+def real_bundles(tmp_path_factory):
+    """The real model through `gemma-export all` once per session: (artifacts root, result). The per-format
+    real tests run their own generate loops on these bundles' files."""
+    out = tmp_path_factory.mktemp("all-real")
+    precisions = [flag for item in REAL_ALL_PRECISIONS for flag in ("--precisions", item)]
+    return out, run_all_command(out, "--model", "gemma-3-270m", *precisions)
+
+
+def real_bundle_path(real_bundles, fmt: str):
+    """The folder of one format's bundle made by `real_bundles`, after checking the run succeeded."""
+    out, result = real_bundles
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "gemma-3-270m" / fmt

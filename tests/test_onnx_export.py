@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 
+from conftest import real_bundle_path
 from exporters.onnx import MODEL_FILES, OnnxDecoder, export
 from exporters.signature import decoder_io
 from model.errors import UserError
@@ -163,6 +164,30 @@ def test_quantized_variants_use_matmulnbits_everywhere(tiny_exports):
         assert bits == {8 if precision == "int8" else 4}
 
 
+def test_attention_shares_kv_heads_without_copies(tiny_exports):
+    """GroupedQueryAttention: no repeat_interleave (Expand) of keys/values and no NaN guard after the softmax,
+    in every variant; one Softmax per layer."""
+    for precision in MODEL_FILES:
+        ops = [node.op_type for node in
+               onnx.load(str(decoder_file(tiny_exports, precision)), load_external_data=False).graph.node]
+        assert "Expand" not in ops and "IsNaN" not in ops, precision
+        assert ops.count("Softmax") == 6, precision
+
+
+def test_decoder_continues_from_a_given_past(tiny_exports, tiny_prompt):
+    """`start_from` (the bound-I/O decoder seeded with numpy pasts) continues exactly like the decoder that
+    produced those pasts."""
+    path = decoder_file(tiny_exports, "fp32")
+    first = OnnxDecoder(path)
+    first.prefill(np.array([tiny_prompt[:30]]))
+    pasts = [value.numpy() for value in first.past]
+    assert pasts[0].shape[2] == 30
+    expected = first.extend(np.array([tiny_prompt[30:]]))
+    second = OnnxDecoder(path)
+    second.start_from(pasts, np.ones((1, 30), np.int64))
+    assert np.array_equal(second.extend(np.array([tiny_prompt[30:]])), expected)
+
+
 def test_unknown_precision_is_a_user_error(tiny, tmp_path):
     with pytest.raises(UserError, match="fp32, fp16, int8, int4"):
         export(tiny.model, tmp_path, "int3")
@@ -265,12 +290,10 @@ def test_optimum_generates_what_pytorch_generates(tiny, tiny_exports, tiny_promp
 # ---- real model ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def real_exports(real, tmp_path_factory):
-    exports = {}
-    for precision in ("fp32", "int4"):
-        folder = tmp_path_factory.mktemp(f"real_onnx_{precision}")
-        exports[precision] = (folder, export(real.model, folder, precision), [])
-    return exports
+def real_onnx(real_bundles):
+    """precision → model file of the real model's ONNX bundle from `gemma-export all` (conftest): fp32, int4."""
+    folder = real_bundle_path(real_bundles, "onnx")
+    return {precision: folder / MODEL_FILES[precision] for precision in ("fp32", "int4")}
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +302,8 @@ def real_reference(real, real_long_prompt_ids):
 
 
 @pytest.mark.real
-def test_real_fp32_generates_what_pytorch_generates(real_exports, real_long_prompt_ids, real_reference):
-    decoder = OnnxDecoder(decoder_file(real_exports, "fp32"))
+def test_real_fp32_generates_what_pytorch_generates(real_onnx, real_long_prompt_ids, real_reference):
+    decoder = OnnxDecoder(real_onnx["fp32"])
     tokens = decoder.generate(np.array([real_long_prompt_ids]), NEW_TOKENS)
     assert tokens[0].tolist() == real_reference.tokens[0].tolist()
     logits = teacher_forced_logits(decoder, real_long_prompt_ids, real_reference.tokens[0])
@@ -291,8 +314,8 @@ def test_real_fp32_generates_what_pytorch_generates(real_exports, real_long_prom
 
 
 @pytest.mark.real
-def test_real_int4_keeps_top1(real_exports, real_long_prompt_ids, real_reference):
-    decoder = OnnxDecoder(decoder_file(real_exports, "int4"))
+def test_real_int4_keeps_top1(real_onnx, real_long_prompt_ids, real_reference):
+    decoder = OnnxDecoder(real_onnx["int4"])
     logits = teacher_forced_logits(decoder, real_long_prompt_ids, real_reference.tokens[0])
     assert np.isfinite(logits).all()
     agreement = top1_agreement(logits, reference_logits(real_reference))

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from conftest import real_bundle_path
 from exporters.signature import decoder_io
 from exporters.torchscript import export, open_decoder
 from model.errors import UserError
@@ -154,10 +155,9 @@ def test_unknown_precision_is_a_user_error_naming_the_supported_ones(tiny, tmp_p
 
 
 @pytest.fixture(scope="module")
-def real_export(real, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("torchscript-real")
-    export(real.model, out_dir)
-    return out_dir
+def real_export(real_bundles):
+    """The fp32 model.pt / model.pt2 of the real model's bundle from `gemma-export all` (conftest)."""
+    return real_bundle_path(real_bundles, "torchscript")
 
 
 @pytest.fixture(scope="module")

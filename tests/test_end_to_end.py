@@ -1,0 +1,111 @@
+"""`gemma-export all` as a user runs it (a subprocess, the CLI entry point): export, validate, bench, report.
+
+- tiny: every backend (fp32 of every format) plus the 4-bit variants; the report lists every backend this host
+  can run with real numbers, and every one it cannot with the reason.
+- the real default model (CI runs it too): fp32 of every format plus one compressed precision each
+  (TorchScript bf16, ONNX int4, Core ML int4) beside Core ML's default fp16, through the same command. The
+  per-format real tests (test_*_export.py) drive these same bundles' files with their own generate loops
+  (fixture `real_bundles` in conftest.py), so each real export is made once per test session.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+
+import pytest
+
+from exporters.artifact import load_bundle
+from exporters.registry import FORMATS
+from conftest import REAL_ALL_PRECISIONS, TINY_ALL_PRECISIONS
+
+# Runner names per bundle format: (backend, target) for each variant the bundle holds. The Core ML runtime
+# runs on macOS only; elsewhere the report must list it as skipped with that reason.
+LINUX_TARGETS = {"torchscript": [("torchscript", "cpu"), ("torch-export", "cpu")],
+                 "onnx": [("onnxruntime", "cpu")],
+                 "coreml": [("coreml-mil", "numpy")]}
+METRICS = ("max_abs_logit_diff", "mean_abs_logit_diff", "min_cosine", "max_kl_divergence", "top1_agreement",
+           "top5_overlap", "perplexity")
+BENCH_METRICS = ("load_seconds", "time_to_first_token_seconds", "prefill_tokens_per_second",
+                 "decode_tokens_per_second", "percent_of_ceiling", "peak_rss_bytes", "size_bytes")
+
+
+def planned_precisions(filters: tuple[str, ...]) -> dict[str, list[str]]:
+    """Format → precisions that `gemma-export all --precisions ...` exports for these filters."""
+    return {fmt: [item.split(":")[-1] for item in filters if item.split(":")[-1] in info.precisions
+                  and (":" not in item or item.startswith(f"{fmt}:"))] for fmt, info in FORMATS.items()}
+
+
+def expected_runners(precisions: dict[str, list[str]]) -> set[str]:
+    names = {"pytorch fp32 cpu", "pytorch-compile fp32 cpu"}
+    for fmt, chosen in precisions.items():
+        for backend, target in LINUX_TARGETS[fmt]:
+            names |= {f"{backend} {precision} {target}" for precision in chosen}
+    return names
+
+
+def check_report(out, slug: str, precisions: dict[str, list[str]]) -> dict:
+    """The three report files exist; validation and bench hold every runner with finite numbers; what the
+    host cannot run is listed with its reason. Returns report.json."""
+    folder = out / slug / "report"
+    assert {path.name for path in folder.iterdir()} >= {"report.json", "report.md", "report.html"}
+    report = json.loads((folder / "report.json").read_text())
+    validation = {row["runner"]: row for row in report["validation"]["runners"]}
+    bench = {row["runner"]: row for row in report["bench"]["runners"]}
+    expected = expected_runners(precisions)
+    if platform.system() != "Darwin":
+        assert expected == set(validation) == set(bench), (sorted(validation), sorted(bench))
+        skipped = {entry["runner"]: entry["reason"] for entry in report["validation"]["skipped"]}
+        assert {name for name, reason in skipped.items() if reason == "Core ML runtime needs macOS"} == {
+            f"coreml {precision} {units}" for precision in precisions.get("coreml", [])
+            for units in ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")}
+    assert validation["pytorch fp32 cpu"]["verdict"] == "reference"
+    for name in expected - {"pytorch fp32 cpu"}:
+        row = validation[name]
+        assert row["verdict"] == "PASS", (name, row.get("failures"))
+        assert all(math.isfinite(row[metric]) for metric in METRICS), (name, row)
+        assert row["nonfinite_logits"] == 0, name
+        assert all(math.isfinite(bench[name][metric]) and bench[name][metric] > 0 for metric in BENCH_METRICS), (
+            name, bench[name])
+    markdown = (folder / "report.md").read_text()
+    assert all(f"| {name.split()[0]} | {name.split()[1]} |" in markdown for name in expected)
+    html = (folder / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    return report
+
+
+def check_bundles(out, slug: str, precisions: dict[str, list[str]], weight_sha256: str) -> None:
+    """Every bundle verifies (hashes) and was made from the model the report names."""
+    for fmt, chosen in precisions.items():
+        bundle = load_bundle(out, slug, fmt)
+        assert bundle.manifest["source"]["weight_sha256"] == weight_sha256
+        assert {key.removesuffix("-pt2") for key in bundle.precisions} == set(chosen)
+
+
+def test_tiny_all_every_backend(tiny, tiny_all):
+    out, result = tiny_all
+    assert result.returncode == 0, result.stderr[-3000:]
+    precisions = planned_precisions(TINY_ALL_PRECISIONS)
+    assert precisions == {"torchscript": ["fp32"], "onnx": ["fp32", "int4"], "coreml": ["fp32", "int4"]}
+    check_bundles(out, tiny.weights.slug, precisions, tiny.weights.weight_sha256)
+    report = check_report(out, tiny.weights.slug, precisions)
+    fp32 = {row["runner"]: row for row in report["validation"]["runners"] if " fp32 " in f" {row['runner']} "}
+    for name, row in fp32.items():
+        if row["verdict"] != "reference":
+            assert row["max_abs_logit_diff"] <= 1e-3 and row["greedy_match_steps"] == row["greedy_steps"], name
+
+
+@pytest.mark.real
+def test_real_all_fp32_and_one_compressed_precision_per_format(real, real_bundles):
+    out, result = real_bundles
+    assert result.returncode == 0, result.stderr[-3000:]
+    precisions = planned_precisions(REAL_ALL_PRECISIONS)
+    check_bundles(out, real.weights.slug, precisions, real.weights.weight_sha256)
+    report = check_report(out, real.weights.slug, precisions)
+    rows = {row["runner"]: row for row in report["validation"]["runners"]}
+    for name, row in rows.items():
+        if " fp32 " in f" {name} " and row["verdict"] != "reference":
+            assert row["max_abs_logit_diff"] <= 5e-3 and row["greedy_match_steps"] == row["greedy_steps"], name
+    print("real all:", {name: (row["verdict"], round(row["max_abs_logit_diff"], 5), row["top1_agreement"])
+                        for name, row in rows.items() if row["verdict"] != "reference"})
