@@ -8,6 +8,8 @@ One graph serves prefill (past = 0) and decode (seq = 1), with the Optimum / tra
 - fp16: every linear layer, the embedding and the LM head hold fp16 weights and compute in fp16, but take and
   return float32: Gemma's residual stream reaches ~1e5 on the real 270M weights (fp16 tops out at 65 504) and
   RMSNorm squares it, so the residual stream, norms, attention and the KV cache stay float32.
+- every precision: attention is `GroupedQueryAttention` (KV heads shared without copies, sliding layers
+  bounded to their window), which keeps decode speed nearly flat with the past length (issue 6).
 - int8 / int4: weight-only ORT `MatMulNBits` (block 32, asymmetric) for every linear layer and the LM head;
   the LM head gets its own transposed initializer so that it is a `MatMul` the quantizer can see. At 4 bits
   the embedding becomes `GatherBlockQuantized` too (ORT quantizes Gather at 4 bits only).
@@ -33,8 +35,8 @@ from torch.export import Dim
 
 from model.config import Gemma3Config
 from model.errors import UserError
-from model.gemma3 import Gemma3Model
-from model.kv_cache import ConcatKVCache
+from model.gemma3 import Attention, Gemma3Model, apply_rope, attention_mask_for
+from model.kv_cache import ConcatKVCache, ConcatLayerKVCache
 from exporters.signature import ExportedVariant, decoder_io, past_names
 
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx", "int4": "model_q4.onnx"}
@@ -179,9 +181,58 @@ def float16_weights(model: Gemma3Model) -> Gemma3Model:
     return converted
 
 
+class GroupedQueryAttention(nn.Module):
+    """`Attention` with the same weights, written for a decode step in ONNX Runtime rather than for PyTorch.
+
+    What torch's SDPA decomposes into costs more than the weights at long context: `repeat_interleave` copies
+    every key and value `num_heads / num_kv_heads` times, both queries and keys are scaled (a pass over all
+    keys), and a NaN guard follows the softmax. Here the query heads of one KV head are stacked into the rows
+    of one MatMul against the shared keys, only the queries are scaled, and no row is ever empty (a query
+    always sees itself), so no NaN guard. Sliding layers attend to the last `window - 1 + seq` keys only:
+    the past may be longer (the I/O contract keeps it whole) but older keys are masked out anyway.
+    """
+
+    def __init__(self, attention: Attention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                valid: torch.Tensor, cache: ConcatLayerKVCache) -> torch.Tensor:
+        attention = self.attention
+        batch, seq, _ = x.shape
+        q = attention.q_proj(x).view(batch, seq, attention.num_heads, attention.head_dim).transpose(1, 2)
+        k = attention.k_proj(x).view(batch, seq, attention.num_kv_heads, attention.head_dim).transpose(1, 2)
+        v = attention.v_proj(x).view(batch, seq, attention.num_kv_heads, attention.head_dim).transpose(1, 2)
+        q = apply_rope(attention.q_norm(q), cos, sin) * attention.scale
+        k = apply_rope(attention.k_norm(k), cos, sin)
+        k, v, key_positions, key_valid = cache.update(k, v, positions, valid)
+        if attention.sliding_window is not None:
+            first = torch.sym_max(k.shape[2] - (attention.sliding_window - 1 + seq), 0)
+            k, v, key_positions, key_valid = k[:, :, first:], v[:, :, first:], key_positions[first:], \
+                key_valid[:, first:]
+        allowed = attention_mask_for(positions, key_positions, key_valid, attention.sliding_window)[:, :, None]
+        groups = attention.num_heads // attention.num_kv_heads
+        grouped_q = q.reshape(batch, attention.num_kv_heads, groups * seq, attention.head_dim)
+        scores = torch.matmul(grouped_q, k.transpose(2, 3)).view(batch, attention.num_kv_heads, groups, seq, -1)
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        out = torch.matmul(probs.view(batch, attention.num_kv_heads, groups * seq, -1), v)
+        return attention.o_proj(out.view(batch, attention.num_heads, seq, attention.head_dim).transpose(1, 2)
+                        .reshape(batch, seq, attention.num_heads * attention.head_dim))
+
+
+def with_grouped_attention(model: Gemma3Model) -> Gemma3Model:
+    """A copy of `model`'s modules (sharing its weights) whose attention is `GroupedQueryAttention`."""
+    shared = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
+    converted = copy.deepcopy(model, memo=shared)
+    for layer in converted.layers:
+        layer.attention = GroupedQueryAttention(layer.attention)
+    return converted
+
+
 def decoder_for(model: Gemma3Model, precision: str) -> DecoderWithPast:
     if precision == "fp16":
         model = float16_weights(model)
+    model = with_grouped_attention(model)
     lm_head = TransposedLMHead(model.embed_tokens) if precision in QUANTIZED_BITS else TiedLMHead(model.embed_tokens)
     return DecoderWithPast(model, lm_head).eval()
 
@@ -271,7 +322,11 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
 
 class OnnxDecoder:
     """Greedy prefill/decode over an exported decoder with onnxruntime: feeds `present` back as the past,
-    grows the attention mask and derives position ids from it (HF rule: cumsum(mask) - 1)."""
+    grows the attention mask and derives position ids from it (HF rule: cumsum(mask) - 1).
+
+    The pasts stay ORT values between steps (I/O binding): onnxruntime allocates each `present` and the next
+    step reads it as its past in place, instead of a copy out to numpy and one back in per tensor per step.
+    """
 
     def __init__(self, model_path: Path | str, providers: Sequence[str] = ("CPUExecutionProvider",),
                  intra_op_threads: int = 0) -> None:
@@ -282,8 +337,13 @@ class OnnxDecoder:
         self.reset()
 
     def reset(self) -> None:
-        self.past: list[np.ndarray] | None = None
+        self.past: list[ort.OrtValue] | None = None
         self.attention_mask: np.ndarray | None = None
+
+    def start_from(self, past: Sequence[np.ndarray], attention_mask: np.ndarray) -> None:
+        """Continue after a given cache (one array per `past_key_values` input) and its mask [batch, past]."""
+        self.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor)) for tensor in past]
+        self.attention_mask = np.asarray(attention_mask, dtype=np.int64)
 
     def extend(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
         """Run a chunk of tokens after what is cached → float32 logits [batch, seq, vocab]."""
@@ -291,14 +351,22 @@ class OnnxDecoder:
         batch, seq = input_ids.shape
         chunk_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
         if self.past is None:
-            self.past = [self.empty_past(spec, batch) for spec in self.past_inputs]
-            self.attention_mask = np.zeros((batch, 0), dtype=np.int64)
+            self.start_from([self.empty_past(spec, batch) for spec in self.past_inputs],
+                            np.zeros((batch, 0), dtype=np.int64))
         self.attention_mask = np.concatenate([self.attention_mask, chunk_mask], axis=1)
         position_ids = np.clip(np.cumsum(self.attention_mask, axis=1) - 1, 0, None)[:, -seq:]
-        feeds = {"input_ids": input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids}
-        feeds.update(zip((spec.name for spec in self.past_inputs), self.past))
-        logits, *self.past = self.session.run(self.output_names, feeds)
-        return logits
+        inputs = {"input_ids": input_ids, "attention_mask": self.attention_mask,
+                  "position_ids": np.ascontiguousarray(position_ids)}
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
+        for spec, past in zip(self.past_inputs, self.past):
+            binding.bind_ortvalue_input(spec.name, past)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        logits, *self.past = binding.get_outputs()
+        return logits.numpy()
 
     def prefill(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
         """Start over with a (left-padded) prompt → logits of its last token [batch, vocab]."""
