@@ -2,8 +2,8 @@
 
 - tiny: every backend (fp32 of every format) plus the 4-bit variants; the report lists every backend this host
   can run with real numbers, and every one it cannot with the reason.
-- the real default model (CI runs it too): fp32 of every format plus one compressed precision each
-  (TorchScript bf16, ONNX int4, Core ML int4) beside Core ML's default fp16, through the same command. The
+- the real default model (CI runs it too): fp32 of every format plus one reduced precision each
+  (TorchScript bf16, ONNX fp16, Core ML fp16), through the same command. The
   per-format real tests (test_*_export.py) drive these same bundles' files with their own generate loops
   (fixture `real_bundles` in conftest.py), so each real export is made once per test session.
 """
