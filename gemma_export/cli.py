@@ -125,9 +125,11 @@ def bundle_summary(bundle: Bundle, seconds: float) -> str:
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--bench/--no-bench", "with_bench", default=True, show_default=True,
+              help="--no-bench: export, validate and report only (the report then has no speed columns).")
 def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
                 precision_filters: tuple[str, ...], threads: int, max_new_tokens: int, decode_tokens: int,
-                repeats: int) -> None:
+                repeats: int, with_bench: bool) -> None:
     """Export every format and precision, validate, bench and report (what the host can't run is skipped,
     and the report says why)."""
     plan = export_plan(formats or tuple(FORMATS), precision_filters)
@@ -142,11 +144,12 @@ def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tup
     exported = {precision for precisions in plan.values() for precision in precisions} | {REFERENCE_PRECISION}
     selection = selection_from((*plan, IN_MEMORY_FORMAT), tuple(sorted(exported)), (), (), ())
     validation = run_validation(loaded, out_dir, selection, max_new_tokens=max_new_tokens, threads=threads)
-    bench = run_bench(loaded, out_dir, selection, BenchSettings(threads=threads, decode_tokens=decode_tokens,
-                                                                 repeats=repeats))
+    bench = (run_bench(loaded, out_dir, selection, BenchSettings(threads=threads, decode_tokens=decode_tokens,
+                                                                  repeats=repeats)) if with_bench else None)
     paths = write_report(out_dir, loaded.weights.slug)
     finish(validation, paths, "validation")  # exits non-zero naming failing runners before bench is judged
-    finish(bench, paths, "bench")
+    if bench is not None:
+        finish(bench, paths, "bench")
 
 
 def export_plan(formats: tuple[str, ...], precision_filters: tuple[str, ...]) -> dict[str, list[str]]:
