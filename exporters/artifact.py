@@ -25,16 +25,15 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from model.config import Gemma3Config
 from model.errors import UserError
+from model.interrupts import raise_if_interrupted, signals_deferred
 
 SCHEMA_VERSION = 1
 FORMATS = ("torchscript", "onnx", "coreml")
@@ -224,21 +223,6 @@ def _link_or_copy(source: Path, destination: Path) -> None:
         shutil.copy2(source, destination)
 
 
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends: the two renames of a swap, or a cleanup, then finish whole and
-    the interruption is raised right after (the kernel keeps a blocked signal pending)."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        yield
-        return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _remove_bundle_folder(folder: Path) -> None:
     """The manifest goes first: a removal cut short must not leave a folder whose manifest vouches for it."""
     if folder.is_dir():
@@ -250,7 +234,8 @@ def _publish(staging: Path, target: Path) -> None:
     """Swap the staged folder into place. On any failure the previous bundle is back at `target`; a hard
     crash between the two renames leaves it in `.old-<pid>-…`, which the next writer puts back."""
     previous = None
-    with _signals_deferred():
+    with signals_deferred():
+        raise_if_interrupted()  # one that a library swallowed during the export: publish nothing
         if target.exists():
             previous = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
             os.rename(target, previous)
@@ -525,7 +510,7 @@ class BundleWriter:
             raise RuntimeError("BundleWriter closed without finish(): nothing was published")
 
     def _close(self) -> None:
-        with _signals_deferred():  # a second Ctrl-C waits for the cleanup instead of cutting it short
+        with signals_deferred():  # a second Ctrl-C waits for the cleanup instead of cutting it short
             try:
                 _remove_bundle_folder(self.path)
             finally:

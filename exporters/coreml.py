@@ -47,6 +47,7 @@ from torch import nn
 from exporters.signature import ExportedVariant, tensor_spec
 from model.config import Gemma3Config
 from model.errors import UserError
+from model.interrupts import raise_if_interrupted
 from model.gemma3 import Gemma3Model, RMSNorm, apply_rope
 
 PRECISIONS = ("fp16", "fp32", "int8", "int4")
@@ -322,6 +323,7 @@ def input_ids_shape(query_lengths: tuple[int, ...]) -> Any:
 
 
 def report(progress: Progress, step: str) -> None:
+    raise_if_interrupted()  # between steps: stop at once after a Ctrl-C that the last step's library swallowed
     if progress is not None:
         progress(step)
 

@@ -35,6 +35,7 @@ from torch.export import Dim
 
 from model.config import Gemma3Config
 from model.errors import UserError
+from model.interrupts import raise_if_interrupted
 from model.gemma3 import Attention, Gemma3Model, apply_rope, attention_mask_for
 from model.kv_cache import ConcatKVCache, ConcatLayerKVCache
 from exporters.signature import ExportedVariant, decoder_io, past_names
@@ -59,7 +60,12 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp32", progress:
     if model.embed_tokens.weight.dtype != torch.float32:
         raise UserError(f"ONNX export needs the float32 model, got {model.embed_tokens.weight.dtype}",
                         "load the model with dtype float32; precision variants are made by the exporter")
-    report = progress or (lambda step: None)
+
+    def report(step: str) -> None:
+        raise_if_interrupted()  # between steps: stop at once after a Ctrl-C that a library swallowed
+        if progress is not None:
+            progress(step)
+
     config = model.config
     model_path = Path(out_dir) / MODEL_FILES[precision]
     data_name = external_data_name(model_path.name)

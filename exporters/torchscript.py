@@ -23,6 +23,7 @@ from torch import nn
 from exporters.signature import ExportedVariant, decoder_io
 from model.config import Gemma3Config
 from model.errors import UserError
+from model.interrupts import raise_if_interrupted
 from model.gemma3 import Gemma3Model
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,6 +97,7 @@ def export_exported_program(model: Gemma3Model, out_dir: Path, precision: str = 
 
 
 def report(progress: Progress, step: str) -> None:
+    raise_if_interrupted()  # between steps: stop at once after a Ctrl-C that the last step's library swallowed
     if progress is not None:
         progress(step)
 

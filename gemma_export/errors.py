@@ -5,44 +5,19 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import threading
 import warnings
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import click
 
 from model.errors import UserError
+from model.interrupts import Terminated, raise_if_interrupted, signals_recorded
 
 EXIT_USER_ERROR = 2
 EXIT_UNEXPECTED = 1
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by SIGTERM
-
-
-class Terminated(BaseException):
-    """SIGTERM as an exception, like KeyboardInterrupt for SIGINT: it unwinds every `with` block, so an
-    export's staging folder is removed and its lock released. A BaseException, so that the `except
-    Exception` of code that carries on past one broken backend does not swallow it."""
-
-
-def _raise_terminated(signal_number: int, frame: object) -> None:
-    raise Terminated()
-
-
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Python's default for SIGTERM is to die on the spot, skipping every cleanup; raise instead. Only the
-    main thread may set a handler (run_cli called from a worker thread keeps the default)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_cli(group: click.Group, args: list[str] | None = None) -> int:
@@ -51,9 +26,11 @@ def run_cli(group: click.Group, args: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
     try:
-        with sigterm_raises():
+        with signals_recorded():
             # Without standalone mode click *returns* the code of ctx.exit(n) instead of raising it.
-            return group.main(args=args, prog_name="gemma-export", standalone_mode=False) or 0
+            code = group.main(args=args, prog_name="gemma-export", standalone_mode=False) or 0
+            raise_if_interrupted()  # a Ctrl-C that a library swallowed must not end as a success
+            return code
     except click.exceptions.Exit as done:
         return done.exit_code
     except click.Abort:

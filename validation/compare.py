@@ -23,6 +23,7 @@ import numpy as np
 
 from model.config import PRESETS, Gemma3Config
 from model.errors import UserError
+from model.interrupts import raise_if_interrupted
 from model.tokenizer import GemmaTokenizer
 from validation.runners import Runner
 
@@ -263,6 +264,7 @@ def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, s
                           "crosses_window": run.prompt.crosses_window, "reference_tokens": run.tokens}
                          for run in references]}]
     for name, spec, open_runner in open_runners:
+        raise_if_interrupted()  # a Ctrl-C swallowed inside the last runtime (coremltools has bare excepts)
         if on_runner is not None:
             on_runner(name)
         try:
