@@ -32,12 +32,8 @@ needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is No
                                      reason='llama-cpp-python is not installed (pip install -e ".[baseline]")')
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Numbers, not speed: one torch thread avoids oversubscribing a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args: str, shim: Path | None = None) -> subprocess.CompletedProcess:
@@ -149,7 +145,7 @@ def test_bench_process_of_a_baseline_does_not_import_torch():
 def test_peak_rss_of_a_child_is_not_its_parents():
     """getrusage's ru_maxrss survives exec on Linux: a child of a big parent would report the parent's size."""
     ballast = np.ones(256 * 2**20 // 8)  # this process: at least 256 MiB resident
-    code = "from validation.bench import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from validation.memory import peak_rss_bytes; print(peak_rss_bytes())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert int(result.stdout) < 128 * 2**20 < ballast.nbytes, result.stderr
 

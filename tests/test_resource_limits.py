@@ -31,21 +31,7 @@ from model.config import Gemma3Config
 from model.gemma3 import Gemma3Model
 from model.generate import Generator
 from model.loading import load
-
-
-def memory():
-    found = {}
-    for line in open("/proc/self/status"):
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            found[name] = int(value.split()[0]) * 1024
-    return found
-
-
-def reset_peak():
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
+from validation.memory import reset_peak_rss, status_bytes
 
 source, max_length, filled, chunk, decode_steps = sys.argv[1], *map(int, sys.argv[2:])
 torch.manual_seed(0)
@@ -62,8 +48,8 @@ gc.collect()
 # Hand the heap's free memory back first (loading the weights freed large temporaries): a cache that reused
 # already-resident free memory would not show in the growth at all.
 ctypes.CDLL("libc.so.6").malloc_trim(0)
-reset_peak()
-base = memory()["VmRSS"]
+reset_peak_rss()
+base = status_bytes()["VmRSS"]
 generator = Generator(model, 1, max_length)
 for start in range(0, filled, chunk):
     logits = generator.prefill(ids[:, start:min(start + chunk, filled)])
@@ -83,13 +69,13 @@ if filled < max_length - chunk - decode_steps:
     generator.row_positions.fill_(end)
     logits = generator.prefill(ids[:, end:end + chunk])
 token = logits.argmax(-1)
-after_prefill = memory()["VmRSS"]
+after_prefill = status_bytes()["VmRSS"]
 for _ in range(decode_steps):
     token = generator.decode(token).argmax(-1)
-final = memory()
+final = status_bytes()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 print(json.dumps({"base": base, "after_prefill": after_prefill, "final": final["VmRSS"], "peak": final["VmHWM"],
-                  "trimmed": memory()["VmRSS"], "position": generator.position, "cache_bytes": generator.cache.nbytes,
+                  "trimmed": status_bytes()["VmRSS"], "position": generator.position, "cache_bytes": generator.cache.nbytes,
                   "documented_cache_bytes": model.config.kv_cache_bytes(max_length)}))
 """
 
@@ -174,18 +160,10 @@ from pathlib import Path
 import torch
 import gemma_export.validation_commands as commands
 from model.loading import load
+from validation.memory import reset_peak_rss, status_bytes
 from validation.runners import REFERENCE_SPEC, Selection
 # Imported before the baseline: a runtime's import is paid once per process, whatever the number of backends.
 import exporters.onnx, exporters.torchscript, onnxruntime
-
-
-def memory():
-    found = {}
-    for line in open("/proc/self/status"):
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            found[name] = int(value.split()[0]) * 1024
-    return found
 
 
 out, ballast_bytes = Path(sys.argv[1]), int(sys.argv[2])
@@ -204,12 +182,11 @@ def open_runner_with_ballast(spec, *args, **kwargs):
 
 
 commands.make_runner = open_runner_with_ballast
-with open("/proc/self/clear_refs", "w") as handle:
-    handle.write("5")
-base = memory()["VmRSS"]
+reset_peak_rss()
+base = status_bytes()["VmRSS"]
 outcome = commands.run_validation(loaded, out, Selection(formats=("torchscript", "onnx")), max_new_tokens=4,
                                   threads=2)
-final = memory()
+final = status_bytes()
 print(json.dumps({"base": base, "final": final["VmRSS"], "peak": final["VmHWM"], "opened": opened,
                   "verdicts": {row["runner"]: row["verdict"] for row in outcome.piece["runners"]}}))
 """

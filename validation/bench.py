@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from validation.baselines import BASELINE_CHOICES, add_ratios, import_runtime, open_baseline
+from validation.memory import peak_rss_bytes
 
 if TYPE_CHECKING:
     from validation.runners import Runner, RunnerSpec
@@ -106,19 +105,6 @@ def decode_tokens_per_second(runner: Runner, settings: BenchSettings) -> float:
             token = int(runner.decode(token).argmax())
         rates.append(settings.decode_tokens / (time.perf_counter() - started))
     return statistics.median(rates[WARMUP_RUNS:])
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set. On Linux from /proc/self/status (VmHWM): getrusage's ru_maxrss keeps
-    the high-water mark of the image before exec, so a bench child would report at least its parent's RSS."""
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def run_job(job: BenchJob) -> dict[str, Any]:
