@@ -253,6 +253,19 @@ def logit_difference_plot(rows: Sequence[dict[str, Any]]) -> str | None:
         close(figure)
 
 
+def finished_bar_plot(figure: Any, axes: Any, xlabel: str, legend: bool = False) -> str:
+    """The common end of every horizontal-bar plot: first row on top, the axis label, the legend outside on the
+    right, rendered to a PNG data URI and the figure closed (pyplot keeps every open figure alive)."""
+    axes.invert_yaxis()
+    axes.set_xlabel(xlabel)
+    if legend:
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    try:
+        return figure_png(figure)
+    finally:
+        close(figure)
+
+
 def top1_plot(rows: Sequence[dict[str, Any]]) -> str | None:
     compared = [row for row in rows if row.get("top1_agreement") is not None]
     if not compared:
@@ -268,12 +281,7 @@ def top1_plot(rows: Sequence[dict[str, Any]]) -> str | None:
             axes.plot([100 * floor] * 2, [index - 0.4, index + 0.4], color="black", linewidth=2)
         axes.text(101, index, f"{values[index]:.1f} %", va="center", fontsize=8)
     axes.set_xlim(0, 110)
-    axes.invert_yaxis()
-    axes.set_xlabel("top-1 agreement with the reference, % of steps (black tick: required)")
-    try:
-        return figure_png(figure)
-    finally:
-        close(figure)
+    return finished_bar_plot(figure, axes, "top-1 agreement with the reference, % of steps (black tick: required)")
 
 
 def decode_speed_plot(rows: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]] = ()) -> str | None:
@@ -291,13 +299,7 @@ def decode_speed_plot(rows: Sequence[dict[str, Any]], baselines: Sequence[dict[s
         axes.plot([ceiling] * 2, [index - 0.45, index + 0.45], color="#e65100", linewidth=2.5,
                   label="memory-bandwidth ceiling" if index == 0 else None)
     axes.set_xscale("log")
-    axes.invert_yaxis()
-    axes.set_xlabel("tokens per second (log)")
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    try:
-        return figure_png(figure)
-    finally:
-        close(figure)
+    return finished_bar_plot(figure, axes, "tokens per second (log)", legend=True)
 
 
 def baseline_ratio_plot(report: dict[str, Any]) -> str | None:
@@ -316,13 +318,7 @@ def baseline_ratio_plot(report: dict[str, Any]) -> str | None:
         axes.barh(positions, values, height=height, label=label)
     axes.axvline(1.0, color="black", linewidth=1)
     axes.set_yticks(range(len(pairs)), [name for name, _ in pairs])
-    axes.invert_yaxis()
-    axes.set_xlabel("runner ÷ baseline (1 = parity)")
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    try:
-        return figure_png(figure)
-    finally:
-        close(figure)
+    return finished_bar_plot(figure, axes, "runner ÷ baseline (1 = parity)", legend=True)
 
 
 # -------------------------------------------------------------------------------------------------- html
