@@ -20,7 +20,6 @@ from validation.runners import IN_MEMORY_FORMAT, REFERENCE_PRECISION
 from model.errors import UserError
 from model.generate import GenerationResult, Sampling, generate
 from model.loading import DEFAULT_MODEL, DTYPES, load
-from model.tokenizer import GemmaTokenizer
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

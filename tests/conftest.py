@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Tests never reach the network: the hub code paths are exercised against local caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +23,16 @@ LONG_TEXT = (
     "formulas into instructions, and operating systems turned a single expensive machine into something many "
     "people could share. Each layer hid the one below it, and each made new kinds of programs possible. "
 )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules about numbers rather than speed (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    one torch thread while the module runs, so parallel work on a shared machine is not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +65,18 @@ TINY_ALL_PRECISIONS = ("fp32", "onnx:int4", "coreml:int4")
 E2E_SETTINGS = ("--max-new-tokens", "8", "--decode-tokens", "8", "--repeats", "1")
 
 
+def gemma_export(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+                 **options) -> subprocess.CompletedProcess:
+    """`python -m gemma_export ARGS` as a user runs it: a subprocess started in the repository, output captured,
+    offline unless `env` says otherwise; `options` go to subprocess.run (e.g. preexec_fn)."""
+    return subprocess.run([sys.executable, "-m", "gemma_export", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"} if env is None else env, timeout=timeout,
+                          **options)
+
+
 def run_all_command(out, *args: str) -> subprocess.CompletedProcess:
-    """`gemma-export all` in a subprocess, as a user runs it."""
-    command = [sys.executable, "-m", "gemma_export", "all", "--out", str(out), *E2E_SETTINGS, *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    """`gemma-export all` with the end-to-end settings."""
+    return gemma_export("all", "--out", str(out), *E2E_SETTINGS, *args, timeout=3600)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from exporters.artifact import BundleWriter
 from exporters.signature import decoder_io
 from model.tokenizer import GemmaTokenizer
 from model.weights import load_weights, save_hf_directory
+from conftest import gemma_export
 from test_weights import write_tiny_gguf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +50,7 @@ def user_environment(home: Path, extra: dict[str, str]) -> dict[str, str]:
 
 def run_cli(args: list[str], env: dict[str, str], preexec_fn: Callable[[], None] | None = None
             ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gemma_export", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=600, preexec_fn=preexec_fn)
+    return gemma_export(*args, env=env, preexec_fn=preexec_fn)
 
 
 def bundle_state(out: Path) -> list[str]:

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "gemma_export", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+from conftest import gemma_export
 
 
 def test_generate_streams_text_and_speed():
-    result = run_cli("generate", "--model", "random:tiny", "--prompt", "Hello there", "--max-new-tokens", "12")
+    result = gemma_export("generate", "--model", "random:tiny", "--prompt", "Hello there", "--max-new-tokens", "12")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello there")
     assert "prefill" in result.stderr and "decode" in result.stderr and "bandwidth achieved" in result.stderr
@@ -24,7 +16,7 @@ def test_generate_streams_text_and_speed():
 
 @pytest.mark.real
 def test_generate_real_model_says_paris():
-    result = run_cli("generate", "--prompt", "Q: What is the capital of France?\nA:", "--max-new-tokens", "8")
+    result = gemma_export("generate", "--prompt", "Q: What is the capital of France?\nA:", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 
@@ -44,7 +36,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("args, cause", BAD_INPUTS, ids=[" ".join(a[2:4]) + " " + c for a, c in BAD_INPUTS])
 def test_bad_input_gives_one_clear_line(args, cause):
-    result = run_cli(*args)
+    result = gemma_export(*args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -55,12 +47,12 @@ def test_bad_input_gives_one_clear_line(args, cause):
 def test_unavailable_device_names_the_fix():
     if __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA, so --device cuda is not an error here")
-    result = run_cli("generate", "--model", "random:tiny", "--prompt", "x", "--device", "cuda")
+    result = gemma_export("generate", "--model", "random:tiny", "--prompt", "x", "--device", "cuda")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: device 'cuda' is not available on this machine; use --device cpu"
 
 
 def test_debug_shows_the_traceback():
-    result = run_cli("--debug", "generate", "--model", "no-such-model", "--prompt", "x")
+    result = gemma_export("--debug", "generate", "--model", "no-such-model", "--prompt", "x")
     assert result.returncode == 2
     assert "Traceback" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -22,6 +22,7 @@ from exporters import artifact
 from model import weights
 from model.tokenizer import GemmaTokenizer
 from model.weights import load_weights, save_hf_directory
+from conftest import gemma_export
 from test_bad_input_matrix import HubHandler, user_environment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,8 +186,7 @@ def cached_hub_model(hf_home: Path, tiny) -> None:
 def run_with_token(args: list[str], tmp_path: Path, extra: dict[str, str] | None = None
                    ) -> subprocess.CompletedProcess:
     env = user_environment(tmp_path, {"HF_TOKEN": FAKE_TOKEN, **(extra or {})})
-    return subprocess.run([sys.executable, "-m", "gemma_export", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=900)
+    return gemma_export(*args, env=env, timeout=900)
 
 
 def test_the_hf_token_never_reaches_output_manifests_or_reports(tiny, tmp_path):

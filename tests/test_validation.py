@@ -40,13 +40,8 @@ CLI = ("import sys; from gemma_export.cli import cli; from gemma_export.errors i
 ALL_TARGETS = [(name, target) for name, backend in BACKENDS.items() for target in backend.targets]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Validation is about numbers, not speed: one thread avoids oversubscribing a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Numbers, not speed: one torch thread avoids oversubscribing a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_bundle(loaded, model, root: Path, fmt: str, exporter, **options) -> None:
