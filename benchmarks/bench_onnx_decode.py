@@ -10,7 +10,7 @@ Decode at a position P starts from a synthetic past of P tokens (random keys and
 step does the same work as after a real P-token prompt without spending minutes to prefill 8000 tokens.
 
     python benchmarks/bench_onnx_decode.py --variant before=/tmp/a/model_q4.onnx,loop=plain \\
-        --variant after=/tmp/b/model_q4.onnx --positions 100 8000 --decode-tokens 32 --repeats 5
+        --variant after=/tmp/b/model_q4.onnx --positions 100 --positions 8000 --decode-tokens 32 --repeats 5
 """
 
 from __future__ import annotations

