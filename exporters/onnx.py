@@ -35,8 +35,8 @@ from torch.export import Dim
 
 from model.config import Gemma3Config
 from model.errors import UserError
-from model.interrupts import raise_if_interrupted
 from model.gemma3 import Attention, Gemma3Model, apply_rope, attention_mask_for
+from model.interrupts import raise_if_interrupted
 from model.kv_cache import ConcatKVCache, ConcatLayerKVCache
 from exporters.signature import ExportedVariant, decoder_io, past_names
 
@@ -314,6 +314,27 @@ def check_edge_shapes(model_path: Path) -> None:
 
 
 # ---- running an exported file ----------------------------------------------------------------------------
+
+# Tables that a decode step only gathers one row from (the token embedding): not read whole per token.
+GATHER_OPS = {"Gather", "GatherBlockQuantized"}
+
+
+def weight_bytes_per_token(path: str | Path) -> int:
+    """Bytes of initializers one decode step reads: every weight but the tables that are only gathered from.
+    The file size would count the int8 file's float32 embedding (671 MB, one row used per token) as read."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consumers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for initializer in graph.initializer:
+        if consumers.get(initializer.name, set()) <= GATHER_OPS:  # gathered only, or unused
+            continue
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type).itemsize
+        total += int(np.prod(initializer.dims, dtype=np.int64)) * itemsize
+    return total
+
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 

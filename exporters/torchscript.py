@@ -23,8 +23,8 @@ from torch import nn
 from exporters.signature import ExportedVariant, decoder_io
 from model.config import Gemma3Config
 from model.errors import UserError
-from model.interrupts import raise_if_interrupted
 from model.gemma3 import Gemma3Model
+from model.interrupts import raise_if_interrupted
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METADATA_FILE = "decoder.json"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import real_bundle_path
-from exporters.onnx import MODEL_FILES, OnnxDecoder, export
+from exporters.onnx import MODEL_FILES, OnnxDecoder, export, weight_bytes_per_token
 from exporters.signature import decoder_io
 from model.errors import UserError
 from model.generate import Generator, generate
@@ -164,6 +164,23 @@ def test_quantized_variants_use_matmulnbits_everywhere(tiny_exports):
         assert gather in ops
         bits = {a.i for node in graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "bits"}
         assert bits == {8 if precision == "int8" else 4}
+
+
+def test_weight_bytes_per_token_leave_out_the_gathered_embedding(tiny, tiny_exports):
+    """The bench's bandwidth ceiling divides by the bytes a decode step reads: the int8 file keeps a float32
+    embedding table that is only gathered from (one row per token); counting the file would inflate % ceiling."""
+    config = tiny.model.config
+    float_table = config.vocab_size * config.hidden_size * 4
+    layer_weights = sum(p.numel() for name, p in tiny.model.named_parameters() if name.startswith("layers."))
+    head = config.vocab_size * config.hidden_size
+    fp32 = weight_bytes_per_token(decoder_file(tiny_exports, "fp32"))
+    assert fp32 == pytest.approx(4 * (layer_weights + head + config.hidden_size), rel=0.01)  # + final norm
+    int8 = weight_bytes_per_token(decoder_file(tiny_exports, "int8"))
+    int8_file = sum((tiny_exports["int8"][0] / name).stat().st_size for name in tiny_exports["int8"][1].files)
+    assert int8 < int8_file - float_table  # the table is in the file, not in what a step reads
+    assert int8 == pytest.approx(0.3 * fp32, rel=0.15)  # 8 bits + a scale and zero point per 32 weights
+    int4 = weight_bytes_per_token(decoder_file(tiny_exports, "int4"))
+    assert int4 == pytest.approx(0.55 * int8, rel=0.15)
 
 
 def test_attention_shares_kv_heads_without_copies(tiny_exports):

@@ -380,8 +380,10 @@ def open_bundle_file(spec: RunnerSpec, context: OpenContext) -> Runner:
                         f"{backend.bundle_format} --precision {spec.precision}") from error
     size = variant_size(variant)
     context_tokens = min(bundle.config.context_length, variant.options.get("max_context", bundle.config.context_length))
-    # A decode step reads every weight once, and the weights are (nearly all of) the file.
-    return Runner(spec, decoder, bundle.config.vocab_size, size, size, context_tokens)
+    # A decode step reads every weight once. The weights are (nearly all of) the file, except where a format
+    # keeps a table that is only gathered from (ONNX: the embedding beside the LM head).
+    read_per_token = WEIGHT_BYTES_PER_TOKEN.get(spec.backend, lambda _variant: size)(variant)
+    return Runner(spec, decoder, bundle.config.vocab_size, size, read_per_token, context_tokens)
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -419,6 +421,14 @@ def open_coreml_mil(variant: BundleVariant, spec: RunnerSpec, context: OpenConte
     from validation.mil import MILRunner
     return MILRunner(variant.files[0])
 
+
+def onnx_weight_bytes_per_token(variant: BundleVariant) -> int:
+    from exporters.onnx import weight_bytes_per_token
+    return weight_bytes_per_token(variant.files[0])
+
+
+# Backends whose files hold more than a decode step reads; the others read their whole file per token.
+WEIGHT_BYTES_PER_TOKEN: dict[str, Callable[[BundleVariant], int]] = {"onnxruntime": onnx_weight_bytes_per_token}
 
 DECODER_OPENERS: dict[str, Callable[[BundleVariant, RunnerSpec, OpenContext], Any]] = {
     "torchscript": open_torchscript, "torch-export": open_torch_export, "onnxruntime": open_onnxruntime,
