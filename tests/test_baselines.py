@@ -247,11 +247,18 @@ def test_bench_measures_the_llama_cpp_baseline_on_a_gguf_model(tiny_gguf, tmp_pa
 @pytest.mark.real
 @needs_llama_cpp
 def test_llama_cpp_greedy_tokens_match_ours_on_the_real_model(real):
-    """Same Q4_K_M file: llama.cpp (quantized kernels) and our dequantized fp32 model pick the same tokens."""
+    """Same Q4_K_M file: llama.cpp and our dequantized fp32 model predict the same tokens. Not bit-equal:
+    llama.cpp multiplies the 4-bit weights by activations rounded to 8 bits (Q8_K), so a near-tie may flip
+    (seen: step 16, " and" vs "." after "...the largest city in France"). Teacher-forced on our tokens, at
+    most one of 16 steps may differ, and free-running greedy text agrees for at least the first 12 tokens."""
     baseline = open_baseline({**LLAMA_CPP_SPEC, "precision": "Q4_K_M"}, real.weights.gguf_file, context_tokens=64,
                              threads=0)
     reference = make_runner(REFERENCE_SPEC, {}, real.model, max_length=64)
     prompt = real.tokenizer.encode("The capital of France is")
-    _, their_tokens = greedy(baseline, prompt, 16)
     _, our_tokens = greedy(reference, prompt, 16)
-    assert their_tokens == our_tokens, (real.tokenizer.decode(their_tokens), real.tokenizer.decode(our_tokens))
+    forced = [baseline.prefill(prompt), *(baseline.decode(token) for token in our_tokens[:-1])]
+    agreeing = sum(int(logits.argmax()) == token for logits, token in zip(forced, our_tokens))
+    assert agreeing >= 15, (agreeing, real.tokenizer.decode(our_tokens))
+    _, their_tokens = greedy(baseline, prompt, 16)
+    prefix = next((i for i, (a, b) in enumerate(zip(their_tokens, our_tokens)) if a != b), len(our_tokens))
+    assert prefix >= 12, (real.tokenizer.decode(their_tokens), real.tokenizer.decode(our_tokens))
