@@ -66,7 +66,8 @@ class DecoderLoop:
                                     np.ones((1, past_length), np.int64))
 
     def extend(self, input_ids: np.ndarray) -> np.ndarray:
-        return self.decoder.extend(input_ids)[:, -1]
+        # Only the last position's logits are used: ask for those only (files with num_logits_to_keep).
+        return self.decoder.extend(input_ids, logits_to_keep=1)[:, -1]
 
 
 LOOPS = {"plain": PlainLoop, "decoder": DecoderLoop}

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -143,7 +144,11 @@ def test_variant_files_signature_and_steps(tiny, tiny_exports):
     for precision, (folder, variant, steps) in tiny_exports.items():
         assert variant.files == [MODEL_FILES[precision], MODEL_FILES[precision] + "_data"]
         assert all((folder / name).stat().st_size > 0 for name in variant.files)
-        assert variant.io == decoder_io(tiny.model.config, "float32") and variant.logits_dtype == "float32"
+        shared = decoder_io(tiny.model.config, "float32")
+        assert variant.io["inputs"] == [*shared["inputs"], {"name": "num_logits_to_keep", "dtype": "int64",
+                                                             "shape": [], "default": 0}]
+        assert variant.io["outputs"][1:] == shared["outputs"][1:] and variant.logits_dtype == "float32"
+        assert variant.io["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "seq_kept", 512]}
         assert variant.opset >= 18
         assert steps == [step for step in STEPS if precision in ("int8", "int4") or step != "quantize"]
         graph = onnx.load(str(folder / variant.files[0]), load_external_data=False).graph
@@ -152,7 +157,7 @@ def test_variant_files_signature_and_steps(tiny, tiny_exports):
         assert shapes["attention_mask"] == ["batch", "past + seq"]
         assert shapes["past_key_values.0.key"] == ["batch", 2, "past", 16]
         assert shapes["present.5.value"] == ["batch", 2, "past + seq", 16]
-        assert shapes["logits"] == ["batch", "seq", 512]
+        assert shapes["logits"] == ["batch", "seq_kept", 512]
 
 
 def test_quantized_variants_use_matmulnbits_everywhere(tiny_exports):
@@ -164,6 +169,28 @@ def test_quantized_variants_use_matmulnbits_everywhere(tiny_exports):
         assert gather in ops
         bits = {a.i for node in graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "bits"}
         assert bits == {8 if precision == "int8" else 4}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_num_logits_to_keep_runs_the_lm_head_on_the_last_positions_only(tiny_exports, tiny_prompt, precision):
+    """Left out (Optimum, transformers.js, a plain script): every position's logits, as the standard contract
+    has it, and ORT does not list it as a required input. Fed N: the last N positions' logits, the same numbers.
+    Our prefill feeds 1."""
+    path = decoder_file(tiny_exports, precision)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert "num_logits_to_keep" not in [i.name for i in session.get_inputs()]
+    assert [i.name for i in session.get_overridable_initializers()] == ["num_logits_to_keep"]
+    ids = np.array([tiny_prompt[:20]])
+    decoder = OnnxDecoder(path)
+    every = decoder.extend(ids)
+    assert every.shape == (1, 20, 512)
+    for kept in (1, 3, 20):
+        decoder.reset()
+        logits = decoder.extend(ids, logits_to_keep=kept)
+        assert logits.shape == (1, kept, 512)
+        # Equal up to the summation order of a 1-row and a 20-row product.
+        np.testing.assert_allclose(logits, every[:, -kept:], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(decoder.prefill(ids), every[:, -1], rtol=0, atol=1e-4)
 
 
 def test_weight_bytes_per_token_leave_out_the_gathered_embedding(tiny, tiny_exports):
