@@ -75,8 +75,8 @@ for _ in range(decode_steps):
 final = status_bytes()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 print(json.dumps({"base": base, "after_prefill": after_prefill, "final": final["VmRSS"], "peak": final["VmHWM"],
-                  "trimmed": status_bytes()["VmRSS"], "position": generator.position, "cache_bytes": generator.cache.nbytes,
-                  "documented_cache_bytes": model.config.kv_cache_bytes(max_length)}))
+                  "trimmed": status_bytes()["VmRSS"], "position": generator.position,
+                  "cache_bytes": generator.cache.nbytes, "documented_cache_bytes": model.config.kv_cache_bytes(max_length)}))
 """
 
 
