@@ -13,6 +13,8 @@ One graph serves prefill (past = 0) and decode (seq = 1), with the Optimum / tra
 - int8 / int4: weight-only ORT `MatMulNBits` (block 32, asymmetric) for every linear layer and the LM head;
   the LM head gets its own transposed initializer so that it is a `MatMul` the quantizer can see. At 4 bits
   the embedding becomes `GatherBlockQuantized` too (ORT quantizes Gather at 4 bits only).
+- every precision: an optional input `num_logits_to_keep` (default 0: every position) runs the LM head on the
+  last N positions only; `OnnxDecoder` asks for 1 in prefill (`with_logits_to_keep`).
 """
 
 from __future__ import annotations
