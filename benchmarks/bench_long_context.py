@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import model.gemma3 as gemma3
 from model.generate import Generator
 from model.loading import load
+from validation.bench import FIRST_ORDINARY_TOKEN
 
-FIRST_ORDINARY_TOKEN = 3
 SDPA = F.scaled_dot_product_attention
 
 

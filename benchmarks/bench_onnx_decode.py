@@ -25,8 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from exporters.onnx import OnnxDecoder, session_options
-
-FIRST_ORDINARY_TOKEN = 3
+from validation.bench import FIRST_ORDINARY_TOKEN
 
 
 class PlainLoop:
