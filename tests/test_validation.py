@@ -26,8 +26,8 @@ from exporters.registry import variant_key
 from model.config import PRESETS
 from model.errors import UserError
 from validation.bench import BenchSettings
-from validation.compare import (THRESHOLDS, Thresholds, failures, load_prompts, matching_prefix, step_metrics,
-                                thresholds_for)
+from validation.compare import (THRESHOLDS, Thresholds, failures, greedy_and_forced, greedy_run, load_prompts,
+                                matching_prefix, step_metrics, teacher_forced_logits, thresholds_for)
 from validation.runners import (BACKENDS, REFERENCE_SPEC, Host, RunnerSpec, Selection, available_specs,
                                 load_bundles, make_runner, unavailable_reason)
 from gemma_export.validation_commands import run_bench, run_validation, write_report
@@ -130,6 +130,48 @@ def test_step_metrics_and_failures_name_the_criterion():
     found = failures(summary, prompts, Thresholds(1e-3, 0.99, greedy_identical=True))
     assert found == ["1 NaN/Inf logits", "max |Δlogit| 0.5 > 0.001", "top-1 agreement 90.0% < 99%",
                      "greedy run leaves the reference at step 2 of 3 (prompt 'long')"]
+
+
+class ContextRunner:
+    """A toy runner whose logits are a function of its whole context; counts the steps it was asked for."""
+    vocab = 7
+
+    def __init__(self) -> None:
+        self.context: list[int] = []
+        self.calls = 0
+
+    def logits(self) -> np.ndarray:
+        self.calls += 1
+        seed = sum((i + 1) * token for i, token in enumerate(self.context)) % 1009
+        return np.random.default_rng(seed).normal(size=self.vocab).astype(np.float32)
+
+    def prefill(self, ids) -> np.ndarray:
+        self.context = [int(token) for token in ids]
+        return self.logits()
+
+    def decode(self, token: int) -> np.ndarray:
+        self.context.append(int(token))
+        return self.logits()
+
+
+@pytest.mark.parametrize("diverge_at", [None, 0, 3, 7])
+def test_greedy_and_forced_equals_two_separate_passes(diverge_at):
+    """One greedy pass gives the teacher-forced logits up to the first divergence; after it the rest is
+    teacher-forced again. Same tokens and logits as the two-pass way, fewer steps when they agree."""
+    prompt, steps = [3, 1, 4], 8
+    reference_tokens, _ = greedy_run(ContextRunner(), prompt, steps)
+    if diverge_at is not None:  # a reference that differs from this runner's greedy choice at that step
+        reference_tokens = reference_tokens[:diverge_at] + [(reference_tokens[diverge_at] + 1) % ContextRunner.vocab]
+        reference_tokens += [0] * (steps - len(reference_tokens))
+    runner = ContextRunner()
+    tokens, logits = greedy_and_forced(runner, prompt, reference_tokens)
+    expected_tokens, _ = greedy_run(ContextRunner(), prompt, steps)
+    expected_logits = teacher_forced_logits(ContextRunner(), prompt, reference_tokens)
+    assert tokens == expected_tokens
+    assert len(logits) == steps and all(np.array_equal(a, b) for a, b in zip(logits, expected_logits))
+    agreeing = matching_prefix(tokens, reference_tokens)
+    assert agreeing == (steps if diverge_at is None else diverge_at)
+    assert runner.calls == steps + max(steps - agreeing - 1, 0)  # the two-pass way: 2 × steps
 
 
 def test_tiny_prompts_cross_the_sliding_window(tiny):

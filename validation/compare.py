@@ -100,8 +100,10 @@ def load_prompts(tokenizer: GemmaTokenizer, config: Gemma3Config, max_new_tokens
     return prompts
 
 
-def load_heldout(tokenizer: GemmaTokenizer, path: Path = HELDOUT_FILE) -> list[int]:
-    return tokenizer.encode(path.read_text(encoding="utf-8"))[:HELDOUT_MAX_TOKENS]
+def load_heldout(tokenizer: GemmaTokenizer, max_tokens: int = HELDOUT_MAX_TOKENS,
+                 path: Path = HELDOUT_FILE) -> list[int]:
+    """The held-out text's first `max_tokens` tokens: perplexity decodes them one step at a time."""
+    return tokenizer.encode(path.read_text(encoding="utf-8"))[:max_tokens]
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -129,6 +131,22 @@ def teacher_forced_logits(runner: Runner, prompt_ids: Sequence[int], forced_toke
     for token in forced_tokens[:-1]:
         logits.append(runner.decode(token))
     return logits
+
+
+def greedy_and_forced(runner: Runner, prompt_ids: Sequence[int],
+                      reference_tokens: Sequence[int]) -> tuple[list[int], list[np.ndarray]]:
+    """The runner's own greedy tokens, and its teacher-forced logits at every step of `reference_tokens`.
+
+    One pass where they agree: while its greedy tokens equal the reference's, each greedy step saw the
+    reference's context, so its logits are the teacher-forced ones. Only after the first divergence does it
+    run again, from a prefill of the prompt plus the reference's tokens up to there. (Two full passes cost
+    twice the time of every runner, and minutes for a slow one like the numpy MIL runner.)"""
+    own_tokens, logits = greedy_run(runner, prompt_ids, len(reference_tokens))
+    agreeing = matching_prefix(own_tokens, reference_tokens)
+    if agreeing + 1 < len(reference_tokens):
+        resumed_prompt = [*prompt_ids, *reference_tokens[:agreeing + 1]]
+        logits = logits[:agreeing + 1] + teacher_forced_logits(runner, resumed_prompt, reference_tokens[agreeing + 1:])
+    return own_tokens, logits
 
 
 def reference_runs(reference: Runner, prompts: Sequence[Prompt], steps: int) -> list[ReferenceRun]:
@@ -182,9 +200,8 @@ def perplexity(runner: Runner, ids: Sequence[int]) -> float:
 # ---------------------------------------------------------------------------------------------- comparison
 
 def compare_prompt(runner: Runner, reference: ReferenceRun) -> dict[str, Any]:
-    forced = teacher_forced_logits(runner, reference.prompt.ids, reference.tokens)
+    own_tokens, forced = greedy_and_forced(runner, reference.prompt.ids, reference.tokens)
     steps = [step_metrics(mine, theirs) for theirs, mine in zip(reference.step_logits, forced)]
-    own_tokens, _ = greedy_run(runner, reference.prompt.ids, len(reference.tokens))
     return {"prompt": reference.prompt.name, "prompt_tokens": len(reference.prompt.ids),
             "crosses_window": reference.prompt.crosses_window, "steps": steps,
             "greedy_match_steps": matching_prefix(own_tokens, reference.tokens),
