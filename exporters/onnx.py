@@ -11,7 +11,8 @@ One graph serves prefill (past = 0) and decode (seq = 1), with the Optimum / tra
 - every precision: attention is `GroupedQueryAttention` (KV heads shared without copies, sliding layers
   bounded to their window), which keeps decode speed nearly flat with the past length (issue 6).
 - int8 / int4: weight-only ORT `MatMulNBits` (block 32, asymmetric) for every linear layer and the LM head;
-  the LM head gets its own transposed initializer so that it is a `MatMul` the quantizer can see. At 4 bits
+  the LM head gets its own transposed initializer so that it is a `MatMul` the quantizer can see. They are
+  made from the traced fp32 graph (`export_many` traces once for fp32, int8 and int4). At 4 bits
   the embedding becomes `GatherBlockQuantized` too (ORT quantizes Gather at 4 bits only).
 - every precision: an optional input `num_logits_to_keep` (default 0: every position) runs the LM head on the
   last N positions only; `OnnxDecoder` asks for 1 in prefill (`with_logits_to_keep`).
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import onnx_ir as ir
 import onnxruntime as ort
 import onnxscript.optimizer
@@ -62,7 +64,15 @@ Progress = Callable[[str], None] | None
 
 def export(model: Gemma3Model, out_dir: Path, precision: str = "fp32", progress: Progress = None) -> ExportedVariant:
     """Write `MODEL_FILES[precision]` and its external data into `out_dir`; return what was written."""
-    check_precision(precision)
+    return export_many(model, out_dir, [precision], progress)[0]
+
+
+def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str],
+                progress: Progress = None) -> list[ExportedVariant]:
+    """Write each precision's file into `out_dir`. The trace (`torch.onnx.export`) is most of an export, ~3 min
+    on the real 270M: fp32, int8 and int4 are made from one traced float32 graph, fp16 from its own."""
+    for precision in precisions:
+        check_precision(precision)
     if model.embed_tokens.weight.dtype != torch.float32:
         raise UserError(f"ONNX export needs the float32 model, got {model.embed_tokens.weight.dtype}",
                         "load the model with dtype float32; precision variants are made by the exporter")
@@ -72,24 +82,40 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp32", progress:
         if progress is not None:
             progress(step)
 
-    config = model.config
-    model_path = Path(out_dir) / MODEL_FILES[precision]
-    data_name = external_data_name(model_path.name)
+    traced: dict[str, ir.Model] = {}
+    variants = []
+    for index, precision in enumerate(precisions):
+        weights = traced_weights(precision)
+        if weights not in traced:
+            report("export")
+            graph = export_graph(decoder_for(model.eval(), weights), model.config)
+            report("optimize")
+            onnxscript.optimizer.optimize(graph)
+            traced[weights] = with_logits_to_keep(graph)
+        graph = traced[weights]
+        if weights not in map(traced_weights, precisions[index + 1:]):
+            del traced[weights]  # its last use: freed once this file is saved
+        if precision in QUANTIZED_BITS:
+            report("quantize")
+            graph = quantize(graph, QUANTIZED_BITS[precision])  # a new graph: the traced one stays as it was
+        variants.append(save_variant(graph, Path(out_dir) / MODEL_FILES[precision], precision, model.config,
+                                     report))
+    return variants
 
-    report("export")
-    graph = export_graph(decoder_for(model.eval(), precision), config)
-    report("optimize")
-    onnxscript.optimizer.optimize(graph)
-    graph = with_logits_to_keep(graph)
-    if precision in QUANTIZED_BITS:
-        report("quantize")
-        graph = quantize(graph, QUANTIZED_BITS[precision])
+
+def traced_weights(precision: str) -> str:
+    """The weights of the traced graph a precision is made from."""
+    return "fp16" if precision == "fp16" else "fp32"
+
+
+def save_variant(graph: ir.Model, model_path: Path, precision: str, config: Gemma3Config,
+                 report: Callable[[str], None]) -> ExportedVariant:
+    data_name = external_data_name(model_path.name)
     report("save")
     ir.save(graph, model_path, external_data=data_name)
     report("check")
     onnx.checker.check_model(str(model_path))
     check_edge_shapes(model_path)
-
     kv_dtype = "float32"
     return ExportedVariant(precision=precision, files=[model_path.name, data_name], io=onnx_io(config, kv_dtype),
                            options=variant_options(precision, kv_dtype), opset=graph.opset_imports[""],
@@ -158,17 +184,6 @@ class TiedLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embedding.weight
         return F.linear(hidden.to(weight.dtype), weight).float()
-
-
-class TransposedLMHead(nn.Module):
-    """`MatMul(hidden, Wᵀ)` with Wᵀ its own [hidden, vocab] initializer: the form MatMulNBits replaces."""
-
-    def __init__(self, embedding: nn.Embedding) -> None:
-        super().__init__()
-        self.weight_t = nn.Parameter(embedding.weight.detach().t().contiguous(), requires_grad=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(hidden, self.weight_t)
 
 
 class Float16Linear(nn.Module):
@@ -252,12 +267,12 @@ def with_grouped_attention(model: Gemma3Model) -> Gemma3Model:
     return converted
 
 
-def decoder_for(model: Gemma3Model, precision: str) -> DecoderWithPast:
-    if precision == "fp16":
+def decoder_for(model: Gemma3Model, weights: str) -> DecoderWithPast:
+    """The module that is traced: fp32 or fp16 weights (see `traced_weights`), grouped attention, tied head."""
+    if weights == "fp16":
         model = float16_weights(model)
     model = with_grouped_attention(model)
-    lm_head = TransposedLMHead(model.embed_tokens) if precision in QUANTIZED_BITS else TiedLMHead(model.embed_tokens)
-    return DecoderWithPast(model, lm_head).eval()
+    return DecoderWithPast(model, TiedLMHead(model.embed_tokens)).eval()
 
 
 # ---- export, quantize, check -----------------------------------------------------------------------------
@@ -340,11 +355,32 @@ def quantize(graph: ir.Model, bits: int) -> ir.Model:
     """Weight-only MatMulNBits for every MatMul with an initializer weight (+ the embedding Gather at 4 bits)."""
     op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
     quantizer_class = matmul_nbits_quantizer_class()
-    quantizer = quantizer_class(ir.serde.serialize_model(graph), bits=bits, block_size=QUANTIZATION_BLOCK_SIZE,
+    proto = ir.serde.serialize_model(graph)
+    with_transposed_lm_head(proto)
+    quantizer = quantizer_class(proto, bits=bits, block_size=QUANTIZATION_BLOCK_SIZE,
                                 is_symmetric=False, accuracy_level=QUANTIZATION_ACCURACY_LEVEL,
                                 op_types_to_quantize=op_types)
     quantizer.process()
     return ir.serde.deserialize_model(quantizer.model.model)
+
+
+def with_transposed_lm_head(model: onnx.ModelProto) -> None:
+    """The tied LM head is `MatMul(hidden, Transpose(embedding))`, and the quantizer replaces only a MatMul whose
+    weight is an initializer: give the head the transposed matrix as its own initializer (`lm_head.weight_t`),
+    which becomes its MatMulNBits weight; the embedding's Gather keeps reading the original."""
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    transposes = [node for node in graph.node if node.op_type == "Transpose" and node.input[0] in initializers]
+    if len(transposes) != 1:
+        raise RuntimeError(f"expected one Transpose of an initializer (the tied LM head), found {len(transposes)}")
+    [transpose] = transposes
+    weight = numpy_helper.to_array(initializers[transpose.input[0]])
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), "lm_head.weight_t"))
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            if name == transpose.output[0]:
+                node.input[position] = "lm_head.weight_t"
+    graph.node.remove(transpose)
 
 
 def matmul_nbits_quantizer_class() -> type:

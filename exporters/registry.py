@@ -74,12 +74,24 @@ def export_bundle(loaded: LoadedModel, fmt: str, precisions: list[str], artifact
     exporter = importlib.import_module(format_info(fmt).module)
     weights = loaded.weights
     with BundleWriter(artifacts_root, weights.slug, fmt, keep_existing_variants=True, wait=wait) as bundle:
-        for precision in precisions:
-            exported = exporter.export(loaded.model, bundle.path, precision, progress=progress, **format_options)
-            for variant in exported if isinstance(exported, list) else [exported]:
-                fields = dataclasses.asdict(variant)
-                fields["precision"] = variant_key(variant)
-                bundle.add_variant(**fields)
+        for variant in exported_variants(exporter, loaded, bundle.path, precisions, progress, format_options):
+            fields = dataclasses.asdict(variant)
+            fields["precision"] = variant_key(variant)
+            bundle.add_variant(**fields)
         return bundle.finish(config=weights.config, tokenizer=loaded.tokenizer,
                              source={"model_id": weights.source_id, "weight_sha256": weights.weight_sha256},
                              options={"precisions": precisions}, progress=None)
+
+
+def exported_variants(exporter: Any, loaded: LoadedModel, out_dir: Path, precisions: list[str],
+                      progress: Callable[[str], None] | None, format_options: dict[str, Any]) -> list[ExportedVariant]:
+    """Every variant of `precisions`, written into `out_dir`: through the format's `export_many` where it has one
+    (it shares work between precisions, e.g. one ONNX trace for fp32, int8 and int4), else one `export` each
+    (which may return several variants: TorchScript's .pt and .pt2)."""
+    if hasattr(exporter, "export_many"):
+        return exporter.export_many(loaded.model, out_dir, precisions, progress=progress, **format_options)
+    variants: list[ExportedVariant] = []
+    for precision in precisions:
+        exported = exporter.export(loaded.model, out_dir, precision, progress=progress, **format_options)
+        variants.extend(exported if isinstance(exported, list) else [exported])
+    return variants

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import real_bundle_path
-from exporters.onnx import MODEL_FILES, OnnxDecoder, export, weight_bytes_per_token
+from exporters.onnx import MODEL_FILES, OnnxDecoder, export, export_many, weight_bytes_per_token
 from exporters.signature import decoder_io
 from model.errors import UserError
 from model.generate import Generator, generate
@@ -33,7 +33,6 @@ REAL_FP16_TOP1_FLOOR = 0.99
 # activations to int8 (accuracy level 4). Measured 0.014, against 0.27 from the float32 model. (At int8 that
 # activation rounding outweighs the weight rounding, so only top-1 pins it.)
 INT4_TWIN_TOLERANCE = 0.05
-STEPS = ["export", "optimize", "quantize", "save", "check"]
 
 # numpy + onnxruntime only (this repo's packages are blocked): prefill, then greedy decode steps.
 STANDALONE_GREEDY = """
@@ -113,13 +112,12 @@ def teacher_forced_torch_logits(model, prompt: list[int], reference_tokens: torc
 
 @pytest.fixture(scope="module")
 def tiny_exports(tiny, tmp_path_factory):
-    """precision → (folder, ExportedVariant, progress steps seen), each exported once for the module."""
-    exports = {}
-    for precision in MODEL_FILES:
-        folder = tmp_path_factory.mktemp(f"onnx_{precision}")
-        steps: list[str] = []
-        exports[precision] = (folder, export(tiny.model, folder, precision, progress=steps.append), steps)
-    return exports
+    """precision → (folder, ExportedVariant, progress steps of the whole export), all four exported once for the
+    module, in one folder, as `gemma-export export --format onnx` does."""
+    folder = tmp_path_factory.mktemp("onnx_tiny")
+    steps: list[str] = []
+    variants = export_many(tiny.model, folder, list(MODEL_FILES), progress=steps.append)
+    return {variant.precision: (folder, variant, steps) for variant in variants}
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +148,6 @@ def test_variant_files_signature_and_steps(tiny, tiny_exports):
         assert variant.io["outputs"][1:] == shared["outputs"][1:] and variant.logits_dtype == "float32"
         assert variant.io["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "seq_kept", 512]}
         assert variant.opset >= 18
-        assert steps == [step for step in STEPS if precision in ("int8", "int4") or step != "quantize"]
         graph = onnx.load(str(folder / variant.files[0]), load_external_data=False).graph
         shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                   for v in [*graph.input, *graph.output]}
@@ -158,6 +155,13 @@ def test_variant_files_signature_and_steps(tiny, tiny_exports):
         assert shapes["past_key_values.0.key"] == ["batch", 2, "past", 16]
         assert shapes["present.5.value"] == ["batch", 2, "past + seq", 16]
         assert shapes["logits"] == ["batch", "seq_kept", 512]
+
+
+def test_one_trace_serves_fp32_int8_and_int4(tiny_exports):
+    """fp32, int8 and int4 come from one traced graph (the trace is most of an export); fp16 has its own."""
+    [steps] = {id(steps): steps for _, _, steps in tiny_exports.values()}.values()
+    traced, quantized = ["export", "optimize", "save", "check"], ["quantize", "save", "check"]
+    assert steps == traced + traced + quantized + quantized  # fp32, fp16, int8, int4
 
 
 def test_quantized_variants_use_matmulnbits_everywhere(tiny_exports):
