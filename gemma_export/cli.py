@@ -13,7 +13,8 @@ from exporters.artifact import Bundle
 from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle
 from gemma_export.errors import entry_point
 from gemma_export.progress import StepProgress
-from gemma_export.validation_commands import finish, run_bench, run_validation, selection_from, write_report
+from gemma_export.validation_commands import (finish, perplexity_tokens_option, run_bench, run_validation,
+                                              selection_from, write_report)
 from gemma_export.validation_commands import register as register_validation_commands
 from validation.bench import BenchSettings
 from validation.runners import IN_MEMORY_FORMAT, REFERENCE_PRECISION
@@ -122,13 +123,14 @@ def bundle_summary(bundle: Bundle, seconds: float) -> str:
                    "it, `onnx:int4` in that format only.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = every core.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
+@perplexity_tokens_option
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--bench/--no-bench", "with_bench", default=True, show_default=True,
               help="--no-bench: export, validate and report only (the report then has no speed columns).")
 def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
-                precision_filters: tuple[str, ...], threads: int, max_new_tokens: int, decode_tokens: int,
-                repeats: int, with_bench: bool) -> None:
+                precision_filters: tuple[str, ...], threads: int, max_new_tokens: int, perplexity_tokens: int,
+                decode_tokens: int, repeats: int, with_bench: bool) -> None:
     """Export every format and precision, validate, bench and report (what the host can't run is skipped,
     and the report says why)."""
     plan = export_plan(formats or tuple(FORMATS), precision_filters)
@@ -142,7 +144,8 @@ def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tup
     # the in-memory PyTorch runners: the reference and its torch.compile'd twin.
     exported = {precision for precisions in plan.values() for precision in precisions} | {REFERENCE_PRECISION}
     selection = selection_from((*plan, IN_MEMORY_FORMAT), tuple(sorted(exported)), (), (), ())
-    validation = run_validation(loaded, out_dir, selection, max_new_tokens=max_new_tokens, threads=threads)
+    validation = run_validation(loaded, out_dir, selection, max_new_tokens=max_new_tokens, threads=threads,
+                                perplexity_tokens=perplexity_tokens)
     bench = (run_bench(loaded, out_dir, selection, BenchSettings(threads=threads, decode_tokens=decode_tokens,
                                                                   repeats=repeats)) if with_bench else None)
     paths = write_report(out_dir, loaded.weights.slug)

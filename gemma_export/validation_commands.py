@@ -18,7 +18,7 @@ from model.loading import DEFAULT_MODEL, LoadedModel, load
 from validation import report as report_files
 from validation.baselines import BASELINE_CHOICES, baseline_model_files, baseline_spec, check_baselines
 from validation.bench import BenchJob, BenchSettings, bench_all
-from validation.compare import compare_all, load_heldout, load_prompts, thresholds_for
+from validation.compare import HELDOUT_MAX_TOKENS, compare_all, load_heldout, load_prompts, thresholds_for
 from validation.runners import (COREML_COMPUTE_UNITS, FORMAT_CHOICES, IN_MEMORY_FORMAT, ONNX_PROVIDERS,
                                 REFERENCE_SPEC, TORCH_DEVICES, BundleProblem, Host, RunnerSpec, Selection,
                                 available_specs, load_bundles, make_runner, set_thread_count)
@@ -74,13 +74,14 @@ def model_entry(loaded: LoadedModel) -> dict[str, str]:
 
 def run_validation(loaded: LoadedModel, artifacts_root: Path, selection: Selection = Selection(),
                    max_new_tokens: int = 32, max_abs_logit_diff: float | None = None,
-                   min_top1_agreement: float | None = None, threads: int = 0) -> Outcome:
+                   min_top1_agreement: float | None = None, threads: int = 0,
+                   perplexity_tokens: int = HELDOUT_MAX_TOKENS) -> Outcome:
     """Compare every available runner with the reference; save validation.json into the report folder."""
     specs, bundles, skipped, errors = prepare(loaded, artifacts_root, selection)
     set_thread_count(threads)
     model, config = loaded.model, loaded.model.config
     prompts = load_prompts(loaded.tokenizer, config, max_new_tokens)
-    heldout = load_heldout(loaded.tokenizer)
+    heldout = load_heldout(loaded.tokenizer, perplexity_tokens)
     longest = max(len(prompt.ids) for prompt in prompts) + max_new_tokens
     max_length = max(longest, len(heldout))
     reference = make_runner(REFERENCE_SPEC, bundles, model, max_length=max_length)
@@ -182,10 +183,18 @@ def selection_from(formats: tuple[str, ...], precisions: tuple[str, ...], device
     return Selection(formats or None, precisions or None, devices or None, providers or None, compute_units or None)
 
 
+# Perplexity decodes the held-out text one token at a time through every runner: the longest part of a
+# validation for slow runners (the numpy MIL runner: ~1 s per step on the real model).
+perplexity_tokens_option = click.option(
+    "--perplexity-tokens", type=click.IntRange(2, 4096), default=HELDOUT_MAX_TOKENS, show_default=True,
+    help="Tokens of the held-out text each runner's perplexity is measured on.")
+
+
 @click.command("validate")
 @selection_options
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Greedy steps compared per prompt.")
+@perplexity_tokens_option
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Threads of the PyTorch and ONNX Runtime runners; 0 = every core.")
 @click.option("--max-logit-diff", type=click.FloatRange(min=0), default=None,
@@ -194,11 +203,13 @@ def selection_from(formats: tuple[str, ...], precisions: tuple[str, ...], device
               help="Override the top-1 agreement floor, as a fraction (default: fp16/bf16 0.99, int8 0.98, int4 0.97).")
 def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
                      devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
-                     max_new_tokens: int, threads: int, max_logit_diff: float | None, min_top1: float | None) -> None:
+                     max_new_tokens: int, perplexity_tokens: int, threads: int, max_logit_diff: float | None,
+                     min_top1: float | None) -> None:
     """Compare every exported runner with the PyTorch reference; write artifacts/<model>/report/."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)
     loaded = load(model_id)
-    outcome = run_validation(loaded, out_dir, selection, max_new_tokens, max_logit_diff, min_top1, threads)
+    outcome = run_validation(loaded, out_dir, selection, max_new_tokens, max_logit_diff, min_top1, threads,
+                             perplexity_tokens)
     finish(outcome, write_report(out_dir, loaded.weights.slug), "validation")
 
 

@@ -62,7 +62,7 @@ def real_long_prompt_ids(real):
 REAL_ALL_PRECISIONS = ("fp32", "torchscript:bf16", "onnx:fp16", "coreml:fp16")
 # tiny: every backend (fp32 of each format) and the 4-bit variants, whose toy-model floor the run must pass.
 TINY_ALL_PRECISIONS = ("fp32", "onnx:int4", "coreml:int4")
-E2E_SETTINGS = ("--max-new-tokens", "8", "--decode-tokens", "8", "--repeats", "1")
+E2E_SETTINGS = ("--max-new-tokens", "8", "--perplexity-tokens", "64", "--decode-tokens", "8", "--repeats", "1")
 
 
 def gemma_export(*args: str, env: dict[str, str] | None = None, timeout: float = 600,

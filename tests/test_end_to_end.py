@@ -18,7 +18,7 @@ import pytest
 
 from exporters.artifact import load_bundle
 from exporters.registry import FORMATS
-from conftest import REAL_ALL_PRECISIONS, TINY_ALL_PRECISIONS
+from conftest import E2E_SETTINGS, REAL_ALL_PRECISIONS, TINY_ALL_PRECISIONS
 
 # Runner names per bundle format: (backend, target) for each variant the bundle holds. The Core ML runtime
 # runs on macOS only; elsewhere the report must list it as skipped with that reason.
@@ -51,6 +51,7 @@ def check_report(out, slug: str, precisions: dict[str, list[str]], benched: bool
     folder = out / slug / "report"
     assert {path.name for path in folder.iterdir()} >= {"report.json", "report.md", "report.html"}
     report = json.loads((folder / "report.json").read_text())
+    assert report["validation"]["heldout_tokens"] == int(E2E_SETTINGS[E2E_SETTINGS.index("--perplexity-tokens") + 1])
     validation = {row["runner"]: row for row in report["validation"]["runners"]}
     bench = {row["runner"]: row for row in report["bench"]["runners"]} if benched else {}
     assert ("bench" in report) == benched
