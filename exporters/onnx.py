@@ -82,24 +82,26 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str],
         if progress is not None:
             progress(step)
 
-    traced: dict[str, ir.Model] = {}
+    # One traced graph at a time (each holds a copy of the weights): the precisions made from it, then the next.
+    by_trace: dict[str, list[str]] = {}
+    for precision in precisions:
+        by_trace.setdefault(traced_weights(precision), []).append(precision)
     variants = []
-    for index, precision in enumerate(precisions):
-        weights = traced_weights(precision)
-        if weights not in traced:
-            report("export")
-            graph = export_graph(decoder_for(model.eval(), weights), model.config)
-            report("optimize")
-            onnxscript.optimizer.optimize(graph)
-            traced[weights] = with_logits_to_keep(graph)
-        graph = traced[weights]
-        if weights not in map(traced_weights, precisions[index + 1:]):
-            del traced[weights]  # its last use: freed once this file is saved
-        if precision in QUANTIZED_BITS:
-            report("quantize")
-            graph = quantize(graph, QUANTIZED_BITS[precision])  # a new graph: the traced one stays as it was
-        variants.append(save_variant(graph, Path(out_dir) / MODEL_FILES[precision], precision, model.config,
-                                     report))
+    for weights, made_from_it in by_trace.items():
+        report("export")
+        traced = export_graph(decoder_for(model.eval(), weights), model.config)
+        report("optimize")
+        onnxscript.optimizer.optimize(traced)
+        traced = with_logits_to_keep(traced)
+        for precision in made_from_it:
+            graph = traced
+            if precision in QUANTIZED_BITS:
+                report("quantize")
+                graph = quantize(traced, QUANTIZED_BITS[precision])  # a new graph: `traced` stays as it was
+            variants.append(save_variant(graph, Path(out_dir) / MODEL_FILES[precision], precision, model.config,
+                                         report))
+            del graph
+        del traced  # before the next trace
     return variants
 
 
