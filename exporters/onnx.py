@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import onnx_ir as ir
 import onnxruntime as ort
 import onnxscript.optimizer
@@ -357,8 +357,9 @@ def quantize(graph: ir.Model, bits: int) -> ir.Model:
     """Weight-only MatMulNBits for every MatMul with an initializer weight (+ the embedding Gather at 4 bits)."""
     op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
     quantizer_class = matmul_nbits_quantizer_class()
-    proto = ir.serde.serialize_model(graph)
-    with_transposed_lm_head(proto)
+    with lm_head_reading_transposed(graph) as dead_transpose:
+        proto = ir.serde.serialize_model(graph)
+    proto.graph.node.remove(next(node for node in proto.graph.node if node.name == dead_transpose))
     quantizer = quantizer_class(proto, bits=bits, block_size=QUANTIZATION_BLOCK_SIZE,
                                 is_symmetric=False, accuracy_level=QUANTIZATION_ACCURACY_LEVEL,
                                 op_types_to_quantize=op_types)
@@ -366,23 +367,31 @@ def quantize(graph: ir.Model, bits: int) -> ir.Model:
     return ir.serde.deserialize_model(quantizer.model.model)
 
 
-def with_transposed_lm_head(model: onnx.ModelProto) -> None:
-    """The tied LM head is `MatMul(hidden, Transpose(embedding))`, and the quantizer replaces only a MatMul whose
-    weight is an initializer: give the head the transposed matrix as its own initializer (`lm_head.weight_t`),
-    which becomes its MatMulNBits weight; the embedding's Gather keeps reading the original."""
-    graph = model.graph
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    transposes = [node for node in graph.node if node.op_type == "Transpose" and node.input[0] in initializers]
+@contextmanager
+def lm_head_reading_transposed(graph: ir.Model) -> Iterator[str]:
+    """While inside: the tied LM head, `MatMul(hidden, Transpose(embedding))`, reads a transposed copy of the
+    embedding as its own initializer (`lm_head.weight_t`) instead, which the quantizer, which replaces only a
+    MatMul whose weight is an initializer, turns into its MatMulNBits weight; the embedding's Gather keeps the
+    original. Yields the name of the Transpose node, unused meanwhile. On exit the graph is as it was: the
+    traced graph serves fp32 too, and the copy (671 MB on the real 270M) lives only as long as serializing."""
+    main = graph.graph
+    transposes = [node for node in main if node.op_type == "Transpose" and node.inputs[0].is_initializer()]
     if len(transposes) != 1:
         raise RuntimeError(f"expected one Transpose of an initializer (the tied LM head), found {len(transposes)}")
     [transpose] = transposes
-    weight = numpy_helper.to_array(initializers[transpose.input[0]])
-    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), "lm_head.weight_t"))
-    for node in graph.node:
-        for position, name in enumerate(node.input):
-            if name == transpose.output[0]:
-                node.input[position] = "lm_head.weight_t"
-    graph.node.remove(transpose)
+    weight = transpose.inputs[0].const_value.numpy()
+    transposed = ir.Value(name="lm_head.weight_t", shape=ir.Shape(weight.shape[::-1]), type=transpose.inputs[0].type,
+                          const_value=ir.tensor(np.ascontiguousarray(weight.T)))
+    main.register_initializer(transposed)
+    uses = list(transpose.outputs[0].uses())
+    for node, index in uses:
+        node.replace_input_with(index, transposed)
+    try:
+        yield transpose.name
+    finally:
+        for node, index in uses:
+            node.replace_input_with(index, transpose.outputs[0])
+        del main.initializers[transposed.name]
 
 
 def matmul_nbits_quantizer_class() -> type:

@@ -10,12 +10,14 @@ import sys
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
+import onnx_ir as ir
 import onnxruntime
 import pytest
 import torch
 
 from conftest import real_bundle_path
-from exporters.onnx import MODEL_FILES, OnnxDecoder, export, export_many, weight_bytes_per_token
+from exporters.onnx import MODEL_FILES, OnnxDecoder, export, export_many, quantize, weight_bytes_per_token
 from exporters.signature import decoder_io
 from model.errors import UserError
 from model.generate import Generator, generate
@@ -162,6 +164,35 @@ def test_one_trace_serves_fp32_int8_and_int4(tiny_exports):
     [steps] = {id(steps): steps for _, _, steps in tiny_exports.values()}.values()
     traced, quantized = ["export", "optimize", "save", "check"], ["quantize", "save", "check"]
     assert steps == traced + quantized + quantized + traced  # fp32, int8, int4 (one trace), then fp16
+
+
+def test_quantizing_a_tied_head_leaves_the_traced_graph_as_it_was():
+    """The tied head is MatMul(h, Transpose(E)); quantize() gives the head a transposed copy of E for
+    MatMulNBits while E stays for the Gather, and hands the graph back unchanged (fp32 is saved from it too)."""
+    rng = np.random.default_rng(0)
+    embedding = rng.normal(size=(128, 64)).astype(np.float32)
+    nodes = [onnx.helper.make_node("Gather", ["E", "ids"], ["rows"], name="gather"),
+             onnx.helper.make_node("Transpose", ["E"], ["E_t"], perm=[1, 0], name="head_transpose"),
+             onnx.helper.make_node("MatMul", ["h", "E_t"], ["logits"], name="head")]
+    graph = onnx.helper.make_graph(
+        nodes, "tied", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 2]),
+                        onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, [1, 2, 64])],
+        [onnx.helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, [1, 2, 64]),
+         onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 2, 128])],
+        [onnx.numpy_helper.from_array(embedding, "E")])
+    traced = ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]))
+    before = ir.serde.serialize_model(traced).SerializeToString()
+    quantized = quantize(traced, 4)
+    assert ir.serde.serialize_model(traced).SerializeToString() == before
+    ops = sorted(node.op_type for node in quantized.graph)
+    assert ops == ["GatherBlockQuantized", "MatMulNBits"]  # the Transpose is gone, E is read by the Gather only
+    session = onnxruntime.InferenceSession(ir.serde.serialize_model(quantized).SerializeToString())
+    ids, hidden = np.array([[3, 77]]), rng.normal(size=(1, 2, 64)).astype(np.float32)
+    rows, logits = session.run(None, {"ids": ids, "h": hidden})
+    np.testing.assert_allclose(rows, embedding[ids], atol=0.25)  # 4-bit rows
+    exact = hidden @ embedding.T  # 4-bit weights of Gaussian data: a few % of error per logit
+    assert np.corrcoef(logits.ravel(), exact.ravel())[0, 1] > 0.99
+    assert np.abs(logits - exact).max() < 0.25 * np.abs(exact).max()
 
 
 def test_quantized_variants_use_matmulnbits_everywhere(tiny_exports):
