@@ -307,7 +307,7 @@ def _acquire_lock(lock_path: Path, target: Path, wait: bool, timeout_s: float) -
                 break
             except BlockingIOError:
                 if not wait or time.monotonic() >= deadline:
-                    holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+                    holder = _lock_holder(descriptor)
                     waited = f" (waited {timeout_s:g} s)" if wait else ""
                     raise UserError(f"another export into {target} is running (pid {holder}, lock {lock_path})"
                                     f"{waited}", "wait for it or use another --out") from None
@@ -318,6 +318,18 @@ def _acquire_lock(lock_path: Path, target: Path, wait: bool, timeout_s: float) -
     except BaseException:
         os.close(descriptor)
         raise
+
+
+def _lock_holder(descriptor: int, patience_s: float = 1.0) -> str:
+    """The pid the holder wrote into the lock file. A holder writes it just after taking the lock, so a
+    contender that arrives in between reads an empty file: it looks again for up to `patience_s` (seen in CI:
+    two exports started at once, the loser said "pid unknown")."""
+    deadline = time.monotonic() + patience_s
+    while not (holder := os.pread(descriptor, 32, 0).decode(errors="replace").strip()):
+        if time.monotonic() >= deadline:
+            return "unknown"
+        time.sleep(0.02)
+    return holder
 
 
 def _release_lock(descriptor: int) -> None:
