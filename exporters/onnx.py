@@ -243,11 +243,13 @@ class GroupedQueryAttention(nn.Module):
                 valid: torch.Tensor, cache: ConcatLayerKVCache) -> torch.Tensor:
         attention = self.attention
         batch, seq, _ = x.shape
-        q = attention.q_proj(x).view(batch, seq, attention.num_heads, attention.head_dim).transpose(1, 2)
-        k = attention.k_proj(x).view(batch, seq, attention.num_kv_heads, attention.head_dim).transpose(1, 2)
+        # q/k norms before the head transpose: after it, onnxruntime moves the Transpose into the norm's
+        # pattern and no longer fuses it.
+        q = attention.q_norm(attention.q_proj(x).view(batch, seq, attention.num_heads, attention.head_dim))
+        k = attention.k_norm(attention.k_proj(x).view(batch, seq, attention.num_kv_heads, attention.head_dim))
         v = attention.v_proj(x).view(batch, seq, attention.num_kv_heads, attention.head_dim).transpose(1, 2)
-        q = apply_rope(attention.q_norm(q), cos, sin) * attention.scale
-        k = apply_rope(attention.k_norm(k), cos, sin)
+        q = apply_rope(q.transpose(1, 2), cos, sin) * attention.scale
+        k = apply_rope(k.transpose(1, 2), cos, sin)
         k, v, key_positions, key_valid = cache.update(k, v, positions, valid)
         if attention.sliding_window is not None:
             first = torch.sym_max(k.shape[2] - (attention.sliding_window - 1 + seq), 0)

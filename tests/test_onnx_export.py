@@ -255,6 +255,25 @@ def test_attention_shares_kv_heads_without_copies(tiny_exports):
         assert ops.count("Softmax") == 6, precision
 
 
+def test_norms_are_in_the_form_onnxruntime_fuses(tiny, tiny_exports, tmp_path):
+    """Every RMSNorm is exported as x / sqrt(mean(x²) + ε) · w, which onnxruntime fuses into one
+    (Skip)SimplifiedLayerNormalization; torch's rsqrt (Sqrt → Reciprocal) was ~700 unfused small ops a step on
+    the real model. The q/k norms come before the heads' transpose: after it, the optimizer moves the
+    Transpose into the pattern. Counted in the graph onnxruntime optimizes, for a float and a quantized file."""
+    config = tiny.model.config
+    norms = config.num_layers * 6 + 1  # input, post-attention, pre/post feed-forward, q and k; the final one
+    for precision in ("fp32", "int4"):
+        path = decoder_file(tiny_exports, precision)
+        assert "Reciprocal" not in [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(tmp_path / f"{precision}_optimized.onnx")
+        onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node]
+        fused = ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization")
+        assert (fused, ops.count("ReduceMean")) == (norms, 0), precision
+
+
 def test_decoder_continues_from_a_given_past(tiny_exports, tiny_prompt):
     """`start_from` (the bound-I/O decoder seeded with numpy pasts) continues exactly like the decoder that
     produced those pasts."""
