@@ -465,15 +465,6 @@ class MILRunner:
     def decode(self, token: int | torch.Tensor) -> torch.Tensor:
         return self._step(np.asarray([int(token)], dtype=np.int32))
 
-    def greedy(self, input_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
-        """The package's own generate loop: greedy tokens and each step's logits."""
-        step_logits = [self.prefill(input_ids)]
-        tokens = [int(step_logits[-1].argmax())]
-        while len(tokens) < max_new_tokens:
-            step_logits.append(self.decode(tokens[-1]))
-            tokens.append(int(step_logits[-1].argmax()))
-        return tokens, step_logits
-
     def _step(self, ids: np.ndarray) -> torch.Tensor:
         from exporters.coreml import check_room
 
