@@ -9,6 +9,8 @@ says how far from the fp32 reference the runtime a user would pick instead alrea
 
     python benchmarks/top1_agreement.py --model gemma-3-270m --out artifacts --steps 32 \
         --onnx int8 --onnx int4 --baseline llama.cpp
+
+`--onnx-file PATH` judges any ONNX decoder file with our I/O (an experiment's file outside a bundle).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from pathlib import Path
 
 import click
 
+from exporters.onnx import OnnxDecoder, weight_bytes_per_token
 from model.loading import load
 from validation.baselines import LLAMA_CPP, open_baseline
 from validation.compare import compare_prompt, load_prompts, reference_runs, summarize
-from validation.runners import REFERENCE_SPEC, RunnerSpec, load_bundles, make_runner
+from validation.runners import REFERENCE_SPEC, Runner, RunnerSpec, load_bundles, make_runner
 
 
 @click.command()
@@ -28,9 +31,11 @@ from validation.runners import REFERENCE_SPEC, RunnerSpec, load_bundles, make_ru
 @click.option("--out", "artifacts_root", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 @click.option("--steps", default=32, show_default=True, help="teacher-forced steps per prompt")
 @click.option("--onnx", "onnx_precisions", multiple=True, help="ONNX precisions of the bundle in --out to judge")
+@click.option("--onnx-file", "onnx_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="any ONNX decoder file with our I/O, judged as it is")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice([LLAMA_CPP]))
 def main(model_id: str, artifacts_root: Path, steps: int, onnx_precisions: tuple[str, ...],
-         baselines: tuple[str, ...]) -> None:
+         onnx_files: tuple[Path, ...], baselines: tuple[str, ...]) -> None:
     loaded = load(model_id)
     config = loaded.model.config
     prompts = load_prompts(loaded.tokenizer, config, steps)
@@ -45,6 +50,10 @@ def main(model_id: str, artifacts_root: Path, steps: int, onnx_precisions: tuple
                    lambda precision=precision: make_runner(RunnerSpec("onnxruntime", precision), bundles,
                                                            max_length=max_length))
                   for precision in onnx_precisions]
+    candidates += [(f"onnxruntime {path}",
+                    lambda path=path: Runner(RunnerSpec("onnxruntime", "file"), OnnxDecoder(path), config.vocab_size,
+                                             path.stat().st_size, weight_bytes_per_token(path), max_length))
+                   for path in onnx_files]
     candidates += [(f"{baseline} {loaded.weights.gguf_file.name}",
                     lambda baseline=baseline: open_baseline({"backend": baseline}, loaded.weights.gguf_file,
                                                             context_tokens=max_length))
