@@ -1,9 +1,10 @@
-"""Issue-6 benchmark: PyTorch decode speed deep into the context, grouped-query attention before and after.
+"""Issue-6 benchmark: PyTorch decode speed deep into the context, decode attention before and after.
 
-`repeat` is the attention as it was (each kv head's keys and values copied `num_heads / num_kv_heads` times with
-repeat_interleave before SDPA), `gqa` as it is (`enable_gqa=True`: SDPA reads the shared kv head in place).
+`sdpa` is the decode attention as it was (SDPA with `enable_gqa=True` at every length), `matmul` as it is
+(`model.gemma3.decode_attention` from DECODE_MATMUL_MIN_KEYS keys on: keys @ queries, softmax, blocked values).
+(The commit before this one compared `repeat_interleave` with `enable_gqa`: see BENCHMARKS.md.)
 Both run in one process, interleaved repeat by repeat, so load from other jobs hits them alike; the table has
-medians and the ratio gqa ÷ repeat.
+medians and the ratio matmul ÷ sdpa.
 
 Decode at a position P starts from a synthetic cache of P tokens (random keys and values, every slot valid and
 placed where a real prompt would have put it: full layers at 0..P-1, sliding layers' rings at P mod window):
@@ -15,6 +16,7 @@ for P + the decoded tokens, as `gemma-export generate` sizes it for prompt + --m
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -22,32 +24,21 @@ from contextlib import contextmanager
 
 import click
 import torch
-import torch.nn.functional as F
 
 import model.gemma3 as gemma3
 from model.generate import Generator
 from model.loading import load
 from validation.bench import FIRST_ORDINARY_TOKEN
 
-SDPA = F.scaled_dot_product_attention
-
-
-def sdpa_with_repeated_heads(q, k, v, attn_mask=None, scale=None, enable_gqa=False):
-    """The attention before issue 6: kv heads copied to every query head, then plain SDPA."""
-    if enable_gqa:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return SDPA(q, k, v, attn_mask=attn_mask, scale=scale)
-
-
 @contextmanager
 def attention(kind: str) -> Iterator[None]:
-    """`model.gemma3`'s SDPA for the block: as shipped (`gqa`) or the old copying version (`repeat`)."""
-    gemma3.F.scaled_dot_product_attention = sdpa_with_repeated_heads if kind == "repeat" else SDPA
+    """`model.gemma3`'s decode attention for the block: as shipped (`matmul`) or SDPA at every length (`sdpa`)."""
+    shipped = gemma3.DECODE_MATMUL_MIN_KEYS
+    gemma3.DECODE_MATMUL_MIN_KEYS = shipped if kind == "matmul" else math.inf
     try:
         yield
     finally:
-        gemma3.F.scaled_dot_product_attention = SDPA
+        gemma3.DECODE_MATMUL_MIN_KEYS = shipped
 
 
 def generator_at(model, position: int, decode_tokens: int) -> Generator:
@@ -84,7 +75,7 @@ def main(model_id: str, positions: tuple[int, ...], decode_tokens: int, repeats:
     if threads:
         torch.set_num_threads(threads)
     model = load(model_id).model.eval()
-    kinds = ("repeat", "gqa")
+    kinds = ("sdpa", "matmul")
     rates: dict[tuple[int, str], list[float]] = {(p, k): [] for p in positions for k in kinds}
     for position in positions:  # warm-up: first-call allocations are nobody's cost
         for kind in kinds:
@@ -97,14 +88,16 @@ def main(model_id: str, positions: tuple[int, ...], decode_tokens: int, repeats:
                     rates[position, kind].append(decode_rate(lambda: generator_at(model, position, decode_tokens),
                                                              decode_tokens))
     print(f"{model_id}, {torch.get_num_threads()} threads, {decode_tokens} tokens × {repeats} repeats (medians)")
-    print("| position | repeat_interleave tok/s | enable_gqa tok/s | gqa ÷ repeat |")
+    print("| position | SDPA tok/s | matmul decode attention tok/s | matmul ÷ sdpa |")
     print("|---:|---:|---:|---:|")
     for position in positions:
         before, after = (statistics.median(rates[position, kind]) for kind in kinds)
         print(f"| {position} | {before:.1f} | {after:.1f} | {after / before:.2f}× |")
-    first = statistics.median(rates[positions[0], "gqa"])
-    for position in positions[1:]:
-        print(f"gqa at {position} ÷ gqa at {positions[0]}: {statistics.median(rates[position, 'gqa']) / first:.2f}")
+    for kind in kinds:
+        first = statistics.median(rates[positions[0], kind])
+        for position in positions[1:]:
+            print(f"{kind} at {position} ÷ {kind} at {positions[0]}: "
+                  f"{statistics.median(rates[position, kind]) / first:.2f}")
 
 
 if __name__ == "__main__":

@@ -150,3 +150,54 @@ def test_sliding_cache_is_bounded_by_the_window(tiny):
 def test_cache_size_at_32k_for_270m_is_what_the_readme_says():
     from model.config import PRESETS
     assert PRESETS["270m"].kv_cache_bytes(32_768) == 217_055_232  # 207 MiB in fp32 (README)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("keys", [300, 1100, 2065])
+def test_decode_attention_equals_sdpa(kv_heads, keys):
+    """The CPU decode form (keys @ queries, softmax down the keys, values summed in 512-key blocks plus a tail)
+    against SDPA with enable_gqa: two rows, one left-padded, causal and windowed masks."""
+    from model.gemma3 import attention_mask_for, decode_attention
+    generator = torch.Generator().manual_seed(kv_heads * keys)
+    q = torch.randn(2, 4, 1, 32, generator=generator)
+    k, v = (torch.randn(2, kv_heads, keys, 32, generator=generator) for _ in range(2))
+    key_positions = torch.arange(keys)
+    key_valid = torch.ones(2, keys, dtype=torch.bool)
+    key_valid[1, :37] = False
+    for window in (None, 700):
+        mask = attention_mask_for(torch.tensor([keys - 1]), key_positions, key_valid, window)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.17,
+                                                                    enable_gqa=kv_heads != 4)
+        assert (decode_attention(q, k, v, mask, 0.17) - expected).abs().max().item() <= 2e-6
+
+
+def test_long_cache_decode_uses_the_matmul_form_and_equals_the_full_forward(tiny, monkeypatch):
+    """A Generator sized past DECODE_MATMUL_MIN_KEYS: its full layers decode through `decode_attention` (counted),
+    every step's logits equal the full forward's, and the torch.compile'd decode step gives the same logits."""
+    import model.gemma3 as gemma3
+    original, calls = gemma3.decode_attention, []
+
+    def counted(q, k, *rest):
+        calls.append(k.shape[2])
+        return original(q, k, *rest)
+
+    monkeypatch.setattr(gemma3, "decode_attention", counted)
+    max_length = gemma3.DECODE_MATMUL_MIN_KEYS + 17
+    # tiny's weights with a context long enough for that cache.
+    model = gemma3.Gemma3Model(tiny.model.config.replace(context_length=max_length)).eval()
+    model.load_state_dict(tiny.model.state_dict())
+    ids = long_prompt(model.config, 48)
+    with torch.no_grad():
+        full = model(ids)
+    eager, compiled = Generator(model, 1, max_length), Generator(model, 1, max_length, compile=True)
+    differences = [(eager.prefill(ids[:, :12]) - full[:, 11]).abs().max().item()]
+    compiled.prefill(ids[:, :12])
+    for step in range(12, 48):
+        logits = eager.decode(ids[:, step])
+        differences.append((logits - full[:, step]).abs().max().item())
+        if step < 16:
+            assert (compiled.decode(ids[:, step]) - logits).abs().max().item() <= 1e-5
+    assert max(differences) <= 1e-5
+    full_layers = sum(not layer.is_sliding for layer in model.layers)
+    # Each eager step calls it once per full layer (the compiled step adds its trace-time calls).
+    assert len(calls) >= 36 * full_layers and set(calls) == {max_length}
