@@ -14,6 +14,10 @@ One graph serves prefill (past = 0) and decode (seq = 1), with the Optimum / tra
   the LM head gets its own transposed initializer so that it is a `MatMul` the quantizer can see. They are
   made from the traced fp32 graph (`export_many` traces once for fp32, int8 and int4). At 4 bits
   the embedding becomes `GatherBlockQuantized` too (ORT quantizes Gather at 4 bits only).
+- every precision: a sliding layer's past has its own axis, `sliding_past`, and may hold only its newest keys
+  (≥ window − 1; positions and validity come from the end of `attention_mask`): `OnnxDecoder` cuts it back,
+  so a step at 8k context does not copy 15 whole sliding pasts into their presents. The window is in the
+  file's metadata. Whole pasts (Optimum, transformers.js) work as before.
 - every precision: an optional input `num_logits_to_keep` (default 0: every position) runs the LM head on the
   last N positions only; `OnnxDecoder` asks for 1 in prefill (`with_logits_to_keep`).
 """
@@ -57,8 +61,12 @@ LOGITS = "logits"
 LOGITS_TO_KEEP = "num_logits_to_keep"
 KEPT_AXIS = "seq_kept"  # logits' axis 1: `seq`, or N when num_logits_to_keep = N > 0
 # torch.export specializes dimensions of size 0 and 1, so the sample inputs use ≥ 2 on every dynamic axis;
-# `check_edge_shapes` then runs the saved graph with past = 0 and seq = 1.
-SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST = 2, 3, 4
+# `check_edge_shapes` then runs the saved graph with past = 0 and seq = 1. A sliding layer's past has its own
+# axis, `sliding_past` (≤ past: it may hold only the newest keys), sampled shorter so that nothing ties the two.
+SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST, SAMPLE_SLIDING_PAST = 2, 3, 4, 2
+SLIDING_PAST_AXIS = "sliding_past"
+# Model metadata (`custom_metadata_map` in onnxruntime): the window, for a loop that cuts sliding pasts.
+SLIDING_WINDOW_KEY = "gemma3.sliding_window"
 
 Progress = Callable[[str], None] | None
 
@@ -128,13 +136,23 @@ def save_variant(graph: ir.Model, model_path: Path, precision: str, config: Gemm
 
 
 def onnx_io(config: Gemma3Config, kv_dtype: str) -> dict[str, list[dict[str, Any]]]:
-    """The shared decoder signature plus the optional `num_logits_to_keep` (default 0: every position), which
-    makes the logits' axis 1 `seq` or N."""
+    """The shared decoder signature with two changes: a sliding layer's past and present have their own axis
+    (`sliding_past`, `sliding_past + seq`: that past may hold only the newest keys), and the optional
+    `num_logits_to_keep` (default 0: every position) makes the logits' axis 1 `seq` or N."""
     io = decoder_io(config, kv_dtype)
+    for spec in [*io["inputs"], *io["outputs"]]:
+        if spec["name"].startswith(("past_key_values.", "present.")) and is_sliding_cache(spec["name"], config):
+            spec["shape"] = [axis.replace("past", SLIDING_PAST_AXIS) if isinstance(axis, str) else axis
+                             for axis in spec["shape"]]
     io["inputs"].append({**tensor_spec(LOGITS_TO_KEEP, "int64", []), "default": 0})
     logits = next(spec for spec in io["outputs"] if spec["name"] == LOGITS)
     logits["shape"] = [logits["shape"][0], KEPT_AXIS, *logits["shape"][2:]]
     return io
+
+
+def is_sliding_cache(name: str, config: Gemma3Config) -> bool:
+    """`past_key_values.3.key` / `present.3.value` → whether layer 3 is a sliding-window layer."""
+    return config.is_sliding(int(name.split(".")[1]))
 
 
 def check_precision(precision: str) -> None:
@@ -173,7 +191,8 @@ class DecoderWithPast(nn.Module):
                 *flat_past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         past = list(zip(flat_past[0::2], flat_past[1::2]))
         cache = ConcatKVCache(past, attention_mask)
-        cache_position = torch.arange(input_ids.shape[1]) + past[0][0].shape[2]
+        # From the mask: a sliding layer's past may hold only its newest keys (`OnnxDecoder` cuts them).
+        cache_position = torch.arange(input_ids.shape[1]) + (attention_mask.shape[1] - input_ids.shape[1])
         hidden = self.model.hidden_states(input_ids, attention_mask, position_ids, cache, cache_position)
         presents = cache.presents()
         return (self.lm_head(hidden), *[tensor for key_value in presents for tensor in key_value])
@@ -310,15 +329,18 @@ def sample_inputs(config: Gemma3Config) -> tuple[torch.Tensor, ...]:
     input_ids = torch.randint(0, config.vocab_size, (SAMPLE_BATCH, SAMPLE_SEQ))
     attention_mask = torch.ones(SAMPLE_BATCH, total, dtype=torch.long)
     position_ids = torch.arange(SAMPLE_PAST, total).expand(SAMPLE_BATCH, SAMPLE_SEQ).contiguous()
-    kv_shape = (SAMPLE_BATCH, config.num_kv_heads, SAMPLE_PAST, config.head_dim)
-    past = [torch.zeros(kv_shape) for _ in past_names(config, "past_key_values")]
+    past = []
+    for layer in range(config.num_layers):
+        length = SAMPLE_SLIDING_PAST if config.is_sliding(layer) else SAMPLE_PAST
+        past += [torch.zeros(SAMPLE_BATCH, config.num_kv_heads, length, config.head_dim) for _ in range(2)]
     return (input_ids, attention_mask, position_ids, *past)
 
 
 def dynamic_shapes(config: Gemma3Config) -> tuple[Any, ...]:
-    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
+    batch, seq, past, sliding_past = Dim("batch"), Dim("seq"), Dim("past"), Dim(SLIDING_PAST_AXIS)
     # The mask spans past + seq; torch.export cannot name a sum of two dims, so it infers that one (AUTO).
-    kv_axes = tuple({0: batch, 2: past} for _ in past_names(config, "past_key_values"))
+    kv_axes = tuple({0: batch, 2: sliding_past if config.is_sliding(layer) else past}
+                    for layer in range(config.num_layers) for _ in range(2))
     return ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: seq}, kv_axes)
 
 
@@ -330,7 +352,8 @@ def export_graph(decoder: DecoderWithPast, config: Gemma3Config) -> ir.Model:
             dynamic_shapes=dynamic_shapes(config), input_names=[spec["name"] for spec in io["inputs"]],
             output_names=[spec["name"] for spec in io["outputs"]])
     graph = program.model
-    name_mask_axis(graph)
+    name_mask_axis(graph, config)
+    graph.metadata_props[SLIDING_WINDOW_KEY] = str(config.sliding_window)
     return graph
 
 
@@ -372,10 +395,11 @@ def with_logits_to_keep(graph: ir.Model) -> ir.Model:
     return graph
 
 
-def name_mask_axis(graph: ir.Model) -> None:
-    """Give the mask's inferred axis (e.g. `s53`) the name the presents already carry: `past + seq`."""
+def name_mask_axis(graph: ir.Model, config: Gemma3Config) -> None:
+    """Give the mask's inferred axis (e.g. `s53`) the name a full layer's presents carry: `past + seq`."""
     mask = next(value for value in graph.graph.inputs if value.name == "attention_mask")
-    present_axis = next(value for value in graph.graph.outputs if value.name.startswith("present."))
+    full_layer = next(layer for layer in range(config.num_layers) if not config.is_sliding(layer))
+    present_axis = next(value for value in graph.graph.outputs if value.name == f"present.{full_layer}.key")
     mask.shape = ir.Shape([mask.shape[0], present_axis.shape[2]])
 
 
@@ -484,7 +508,9 @@ class OnnxDecoder:
 
     The pasts stay ORT values between steps (`run_with_ort_values`): onnxruntime allocates each `present` and
     the next step reads it as its past in place, instead of a copy out to numpy and one back in per tensor per
-    step. A prompt asks for its last position's logits only (`num_logits_to_keep` = 1).
+    step. A prompt asks for its last position's logits only (`num_logits_to_keep` = 1). A sliding layer reads
+    only its last `window - 1` past keys: once its past is a window longer than that, it is cut back to them
+    (files that carry the window in their metadata), so no step copies a long past into a sliding `present`.
     """
 
     def __init__(self, model_path: Path | str, providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -495,6 +521,11 @@ class OnnxDecoder:
         self.output_names = [o.name for o in self.session.get_outputs()]
         # Files exported before num_logits_to_keep existed compute the logits of every position.
         self.can_keep_logits = any(i.name == LOGITS_TO_KEEP for i in self.session.get_overridable_initializers())
+        # Files exported before sliding pasts had their own axis keep every past whole.
+        window = self.session.get_modelmeta().custom_metadata_map.get(SLIDING_WINDOW_KEY)
+        self.sliding_window = int(window) if window else None
+        self.sliding_pasts = [index for index, spec in enumerate(self.past_inputs)
+                              if spec.shape[2] == SLIDING_PAST_AXIS]
         self.reset()
 
     def reset(self) -> None:
@@ -505,6 +536,22 @@ class OnnxDecoder:
         """Continue after a given cache (one array per `past_key_values` input) and its mask [batch, past]."""
         self.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor)) for tensor in past]
         self.attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        self.cut_sliding_pasts()
+
+    def cut_sliding_pasts(self) -> None:
+        """Cut each sliding layer's past back to its last `window - 1` keys once it is `window` longer: one
+        small copy per layer every `window` steps, and each step's Concat stays within two windows."""
+        if self.sliding_window is None:
+            return
+        keep = self.sliding_window - 1
+        for index in self.sliding_pasts:
+            past = self.past[index]
+            if past.shape()[2] >= keep + self.sliding_window:
+                newest = past.numpy()[:, :, past.shape()[2] - keep:]
+                # Copied into memory onnxruntime owns, like a present's: an OrtValue wrapping a numpy array hands
+                # out views of it from .numpy(), which would outlive the array once this one is replaced.
+                self.past[index] = ort.OrtValue.ortvalue_from_shape_and_type(newest.shape, newest.dtype)
+                self.past[index].update_inplace(np.ascontiguousarray(newest))
 
     def extend(self, input_ids: Any, attention_mask: Any = None, logits_to_keep: int = 0) -> np.ndarray:
         """Run a chunk of tokens after what is cached → float32 logits [batch, seq, vocab], or of the last
@@ -526,6 +573,7 @@ class OnnxDecoder:
         # OrtValues in and out: the presents come back as ORT-owned values and are fed in place as the next
         # pasts. (Not an io_binding: it refuses to bind num_logits_to_keep, an input with a default.)
         logits, *self.past = self.session.run_with_ort_values(self.output_names, feeds)
+        self.cut_sliding_pasts()
         return logits.numpy()
 
     def prefill(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:

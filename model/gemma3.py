@@ -238,8 +238,9 @@ class Gemma3Model(nn.Module):
                           ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """The Hugging Face decoder contract that exported graphs follow: explicit past keys/values per layer
         ([batch, kv_heads, past, head_dim], past may be 0) in, logits and `present` (past + new) out."""
-        past_length = past[0][0].shape[2]
         cache = ConcatKVCache(past, attention_mask)
+        # From the mask, not from a past: a sliding layer's past may hold only its newest keys.
+        past_length = attention_mask.shape[1] - input_ids.shape[1]
         cache_position = torch.arange(input_ids.shape[1], device=input_ids.device) + past_length
         logits = self.forward(input_ids, attention_mask, position_ids, cache, cache_position)
         return logits, cache.presents()

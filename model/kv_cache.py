@@ -93,7 +93,9 @@ class ConcatLayerKVCache:
     """One layer of the Hugging Face-style cache: past tensors in, past + new out (`present`).
 
     This is the form exported graphs use (explicit `past_key_values.{i}` inputs, `present.{i}` outputs, any
-    past length). Sliding layers stay windowed through the mask, whatever the past length.
+    past length). Sliding layers stay windowed through the mask, whatever the past length. A layer's past may
+    also hold only the newest of the mask's tokens (a sliding layer's last `window - 1` is all it ever reads):
+    its keys are then the last ones of `attention_mask`, and their positions count from there.
     """
 
     def __init__(self, past_keys: torch.Tensor, past_values: torch.Tensor, key_valid: torch.Tensor) -> None:
@@ -105,8 +107,10 @@ class ConcatLayerKVCache:
         all_keys = torch.cat([self.past_keys.to(keys.dtype), keys], dim=2)
         all_values = torch.cat([self.past_values.to(values.dtype), values], dim=2)
         self.present = (all_keys, all_values)
-        key_positions = torch.arange(all_keys.shape[2], device=keys.device)
-        return all_keys, all_values, key_positions, self.key_valid
+        length = all_keys.shape[2]
+        first = self.key_valid.shape[1] - length  # 0 unless this past was cut to its newest keys
+        key_positions = torch.arange(length, device=keys.device) + first
+        return all_keys, all_values, key_positions, self.key_valid[:, first:]
 
 
 class ConcatKVCache:

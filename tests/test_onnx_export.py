@@ -145,17 +145,36 @@ def test_variant_files_signature_and_steps(tiny, tiny_exports):
         assert variant.files == [MODEL_FILES[precision], MODEL_FILES[precision] + "_data"]
         assert all((folder / name).stat().st_size > 0 for name in variant.files)
         shared = decoder_io(tiny.model.config, "float32")
-        assert variant.io["inputs"] == [*shared["inputs"], {"name": "num_logits_to_keep", "dtype": "int64",
-                                                             "shape": [], "default": 0}]
-        assert variant.io["outputs"][1:] == shared["outputs"][1:] and variant.logits_dtype == "float32"
+        # A sliding layer's past has its own axis (it may hold only the newest keys); the rest is the shared I/O.
+        sliding = {"past_key_values.0.key": ["batch", 2, "sliding_past", 16],
+                   "present.0.key": ["batch", 2, "sliding_past + seq", 16]}
+        for name, shape in sliding.items():
+            assert next(spec for spec in [*variant.io["inputs"], *variant.io["outputs"]]
+                        if spec["name"] == name)["shape"] == shape
+        sliding_layers = {i for i in range(tiny.model.config.num_layers) if tiny.model.config.is_sliding(i)}
+        assert sliding_layers == {0, 1, 3, 4}
+
+        def as_shared(spec):
+            layer = int(spec["name"].split(".")[1]) if spec["name"].startswith(("past_", "present.")) else None
+            return {**spec, "shape": [axis.replace("sliding_past", "past") if isinstance(axis, str) else axis
+                                      for axis in spec["shape"]]} if layer in sliding_layers else spec
+        assert [as_shared(spec) for spec in variant.io["inputs"]] == [
+            *shared["inputs"], {"name": "num_logits_to_keep", "dtype": "int64", "shape": [], "default": 0}]
+        assert [as_shared(spec) for spec in variant.io["outputs"][1:]] == shared["outputs"][1:]
+        assert variant.logits_dtype == "float32"
         assert variant.io["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "seq_kept", 512]}
         assert variant.opset >= 18
         graph = onnx.load(str(folder / variant.files[0]), load_external_data=False).graph
         shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                   for v in [*graph.input, *graph.output]}
         assert shapes["attention_mask"] == ["batch", "past + seq"]
-        assert shapes["past_key_values.0.key"] == ["batch", 2, "past", 16]
+        assert shapes["past_key_values.0.key"] == ["batch", 2, "sliding_past", 16]
+        assert shapes["present.0.value"] == ["batch", 2, "sliding_past + seq", 16]
+        assert shapes["past_key_values.2.key"] == ["batch", 2, "past", 16]
         assert shapes["present.5.value"] == ["batch", 2, "past + seq", 16]
+        metadata = {prop.key: prop.value for prop in onnx.load(str(folder / variant.files[0]),
+                                                               load_external_data=False).metadata_props}
+        assert metadata["gemma3.sliding_window"] == "8"
         assert shapes["logits"] == ["batch", "seq_kept", 512]
 
 
@@ -281,7 +300,8 @@ def test_decoder_continues_from_a_given_past(tiny_exports, tiny_prompt):
     first = OnnxDecoder(path)
     first.prefill(np.array([tiny_prompt[:30]]))
     pasts = [value.numpy() for value in first.past]
-    assert pasts[0].shape[2] == 30
+    # Sliding layers (0, 1, 3, 4; window 8) were cut to their last 7 keys, full layers keep all 30.
+    assert [past.shape[2] for past in pasts[::2]] == [7, 7, 30, 7, 7, 30]
     expected = first.extend(np.array([tiny_prompt[30:]]))
     second = OnnxDecoder(path)
     second.start_from(pasts, np.ones((1, 30), np.int64))
@@ -369,6 +389,27 @@ def test_sliding_window_holds_far_past_the_window(tiny, tiny_exports):
         expected = tiny.model(ids).numpy()
     assert logits.shape == expected.shape
     assert np.abs(logits - expected).max() <= LOGIT_TOLERANCE
+
+
+def test_sliding_pasts_stay_within_two_windows_and_change_nothing(tiny, tiny_exports):
+    """Cut sliding pasts (what `OnnxDecoder` does) against whole ones (what Optimum and plain scripts feed),
+    step by step over 60 decode steps after a 20-token prompt: same logits; sliding pasts never reach
+    two windows, full ones hold every token."""
+    ids = torch.randint(3, tiny.model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
+    cut, whole = (OnnxDecoder(decoder_file(tiny_exports, "fp32")) for _ in range(2))
+    whole.sliding_window = None  # as a file without the window in its metadata: pasts grow
+    logits = [cut.prefill(ids.numpy())]
+    assert np.abs(whole.prefill(ids.numpy()) - logits[-1]).max() <= 1e-5
+    sliding_lengths = set()
+    for step in range(60):
+        token = logits[-1].argmax(-1)
+        logits.append(cut.decode(token))
+        assert np.abs(whole.decode(token) - logits[-1]).max() <= 1e-5
+        lengths = [value.shape()[2] for value in cut.past[::2]]
+        sliding_lengths.update(lengths[i] for i in (0, 1, 3, 4))
+        assert lengths[2] == lengths[5] == 20 + step + 1
+    assert max(sliding_lengths) == 7 + 8 - 1 and min(sliding_lengths) == 7
+    assert [value.shape()[2] for value in whole.past[::2]] == [80] * 6
 
 
 def test_optimum_generates_what_pytorch_generates(tiny, tiny_exports, tiny_prompt, tmp_path):
