@@ -43,6 +43,7 @@ def model_options(function):
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the decode step.")
+@click.option("--cuda-graph", is_flag=True, help="Replay the decode step as one CUDA graph (--device cuda).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the Gemma chat template.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="0 = greedy.")
@@ -50,9 +51,12 @@ def model_options(function):
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--seed", type=int, default=None)
 def generate_command(model_id: str, revision: str | None, prompt: str, max_new_tokens: int, device: str,
-                     dtype: str, use_compile: bool, chat: bool, temperature: float, top_k: int | None,
-                     top_p: float | None, seed: int | None) -> None:
+                     dtype: str, use_compile: bool, cuda_graph: bool, chat: bool, temperature: float,
+                     top_k: int | None, top_p: float | None, seed: int | None) -> None:
     """Stream a continuation, then print prefill/decode tok/s and the memory bandwidth achieved."""
+    if cuda_graph and device != "cuda":
+        raise UserError(f"--cuda-graph needs --device cuda, got --device {device}",
+                        "add --device cuda, or leave out --cuda-graph")
     loaded = load(model_id, device=device, dtype=dtype, revision=revision)
     tokenizer = loaded.tokenizer
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
@@ -68,7 +72,7 @@ def generate_command(model_id: str, revision: str | None, prompt: str, max_new_t
     sys.stdout.write(prompt if not chat else "")
     result = generate(loaded.model, input_ids, max_new_tokens,
                       sampling=Sampling(temperature, top_k, top_p, seed), compile=use_compile,
-                      on_tokens=print_new_text)
+                      on_tokens=print_new_text, cuda_graph=cuda_graph)
     sys.stdout.write("\n")
     sys.stdout.flush()
     click.echo(speed_summary(result, loaded.model.weight_bytes_per_token), err=True)
