@@ -540,18 +540,20 @@ class OnnxDecoder:
 
     def cut_sliding_pasts(self) -> None:
         """Cut each sliding layer's past back to its last `window - 1` keys once it is `window` longer: one
-        small copy per layer every `window` steps, and each step's Concat stays within two windows."""
-        if self.sliding_window is None:
+        small copy per layer every `window` steps, and each step's Concat stays within two windows. The sliding
+        pasts grow and are cut together, so one length decides for all (one check per step, not 30)."""
+        if self.sliding_window is None or not self.sliding_pasts:
             return
         keep = self.sliding_window - 1
+        length = self.past[self.sliding_pasts[0]].shape()[2]
+        if length < keep + self.sliding_window:
+            return
         for index in self.sliding_pasts:
-            past = self.past[index]
-            if past.shape()[2] >= keep + self.sliding_window:
-                newest = past.numpy()[:, :, past.shape()[2] - keep:]
-                # Copied into memory onnxruntime owns, like a present's: an OrtValue wrapping a numpy array hands
-                # out views of it from .numpy(), which would outlive the array once this one is replaced.
-                self.past[index] = ort.OrtValue.ortvalue_from_shape_and_type(newest.shape, newest.dtype)
-                self.past[index].update_inplace(np.ascontiguousarray(newest))
+            newest = self.past[index].numpy()[:, :, length - keep:]
+            # Copied into memory onnxruntime owns, like a present's: an OrtValue wrapping a numpy array hands
+            # out views of it from .numpy(), which would outlive the array once this one is replaced.
+            self.past[index] = ort.OrtValue.ortvalue_from_shape_and_type(newest.shape, newest.dtype)
+            self.past[index].update_inplace(np.ascontiguousarray(newest))
 
     def extend(self, input_ids: Any, attention_mask: Any = None, logits_to_keep: int = 0) -> np.ndarray:
         """Run a chunk of tokens after what is cached → float32 logits [batch, seq, vocab], or of the last

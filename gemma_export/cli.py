@@ -54,7 +54,7 @@ def generate_command(model_id: str, revision: str | None, prompt: str, max_new_t
                      dtype: str, use_compile: bool, cuda_graph: bool, chat: bool, temperature: float,
                      top_k: int | None, top_p: float | None, seed: int | None) -> None:
     """Stream a continuation, then print prefill/decode tok/s and the memory bandwidth achieved."""
-    if cuda_graph and device != "cuda":
+    if cuda_graph and device != "cuda":  # Generator checks it too; here before minutes of loading weights
         raise UserError(f"--cuda-graph needs --device cuda, got --device {device}",
                         "add --device cuda, or leave out --cuda-graph")
     loaded = load(model_id, device=device, dtype=dtype, revision=revision)

@@ -150,13 +150,14 @@ class Generator:
         """Feed one token per row ([batch]) → float32 logits [batch, vocab] for the next one."""
         self._reserve(1)
         device = self.row_positions.device
+        token = token.to(device)
         if self.cuda_graph:
             if self.captured is None:
-                self.captured = CapturedDecodeStep(self, token.to(device))
-            logits = self.captured(token.to(device))
+                self.captured = CapturedDecodeStep(self, token)
+            logits = self.captured(token)
         else:
             cache_position = torch.tensor([self.position], device=device)
-            logits = self.decode_step(self.model, self.cache, token.to(device).view(-1, 1),
+            logits = self.decode_step(self.model, self.cache, token.view(-1, 1),
                                       self.row_positions[:, None].clone(), cache_position)
         self.position += 1
         self.row_positions += 1

@@ -164,7 +164,8 @@ def test_variant_files_signature_and_steps(tiny, tiny_exports):
         assert variant.logits_dtype == "float32"
         assert variant.io["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "seq_kept", 512]}
         assert variant.opset >= 18
-        graph = onnx.load(str(folder / variant.files[0]), load_external_data=False).graph
+        proto = onnx.load(str(folder / variant.files[0]), load_external_data=False)
+        graph = proto.graph
         shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                   for v in [*graph.input, *graph.output]}
         assert shapes["attention_mask"] == ["batch", "past + seq"]
@@ -172,9 +173,7 @@ def test_variant_files_signature_and_steps(tiny, tiny_exports):
         assert shapes["present.0.value"] == ["batch", 2, "sliding_past + seq", 16]
         assert shapes["past_key_values.2.key"] == ["batch", 2, "past", 16]
         assert shapes["present.5.value"] == ["batch", 2, "past + seq", 16]
-        metadata = {prop.key: prop.value for prop in onnx.load(str(folder / variant.files[0]),
-                                                               load_external_data=False).metadata_props}
-        assert metadata["gemma3.sliding_window"] == "8"
+        assert {prop.key: prop.value for prop in proto.metadata_props}["gemma3.sliding_window"] == "8"
         assert shapes["logits"] == ["batch", "seq_kept", 512]
 
 
