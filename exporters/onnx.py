@@ -60,6 +60,9 @@ LOGITS = "logits"
 # Optional input: logits of the last N positions only (0, the default: all). The name ORT GenAI models use.
 LOGITS_TO_KEEP = "num_logits_to_keep"
 KEPT_AXIS = "seq_kept"  # logits' axis 1: `seq`, or N when num_logits_to_keep = N > 0
+# Optional input: full layers' presents hold only the new keys, for a loop that keeps their cache
+# (`with_new_only_full_presents`).
+NEW_ONLY_PRESENTS = "full_presents_new_only"
 # torch.export specializes dimensions of size 0 and 1, so the sample inputs use ≥ 2 on every dynamic axis;
 # `check_edge_shapes` then runs the saved graph with past = 0 and seq = 1. A sliding layer's past has its own
 # axis, `sliding_past` (≤ past: it may hold only the newest keys), sampled shorter so that nothing ties the two.
@@ -101,7 +104,7 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str],
         traced = export_graph(decoder_for(model.eval(), weights), model.config)
         report("optimize")
         onnxscript.optimizer.optimize(traced)
-        traced = with_logits_to_keep(traced)
+        traced = with_new_only_full_presents(with_logits_to_keep(traced), model.config)
         for precision in made_from_it:
             graph = traced
             if precision in QUANTIZED_BITS:
@@ -137,14 +140,16 @@ def save_variant(graph: ir.Model, model_path: Path, precision: str, config: Gemm
 
 def onnx_io(config: Gemma3Config, kv_dtype: str) -> dict[str, list[dict[str, Any]]]:
     """The shared decoder signature with two changes: a sliding layer's past and present have their own axis
-    (`sliding_past`, `sliding_past + seq`: that past may hold only the newest keys), and the optional
-    `num_logits_to_keep` (default 0: every position) makes the logits' axis 1 `seq` or N."""
+    (`sliding_past`, `sliding_past + seq`: that past may hold only the newest keys), the optional
+    `num_logits_to_keep` (default 0: every position) makes the logits' axis 1 `seq` or N, and the optional
+    `full_presents_new_only` (default False) makes full layers' presents hold only the `seq` new keys/values."""
     io = decoder_io(config, kv_dtype)
     for spec in [*io["inputs"], *io["outputs"]]:
         if spec["name"].startswith(("past_key_values.", "present.")) and is_sliding_cache(spec["name"], config):
             spec["shape"] = [axis.replace("past", SLIDING_PAST_AXIS) if isinstance(axis, str) else axis
                              for axis in spec["shape"]]
     io["inputs"].append({**tensor_spec(LOGITS_TO_KEEP, "int64", []), "default": 0})
+    io["inputs"].append({**tensor_spec(NEW_ONLY_PRESENTS, "bool", []), "default": False})
     logits = next(spec for spec in io["outputs"] if spec["name"] == LOGITS)
     logits["shape"] = [logits["shape"][0], KEPT_AXIS, *logits["shape"][2:]]
     return io
@@ -250,8 +255,11 @@ class GroupedQueryAttention(nn.Module):
     every key and value `num_heads / num_kv_heads` times, both queries and keys are scaled (a pass over all
     keys), and a NaN guard follows the softmax. Here the query heads of one KV head are stacked into the rows
     of one MatMul against the shared keys, only the queries are scaled, and no row is ever empty (a query
-    always sees itself), so no NaN guard. Sliding layers attend to the last `window - 1 + seq` keys only:
-    the past may be longer (the I/O contract keeps it whole) but older keys are masked out anyway.
+    always sees itself), so no NaN guard. Full layers read past and chunk apart, so their long past is not
+    copied to be read. Sliding layers attend to the last `window - 1 + seq` keys only: the past may be longer
+    (the I/O contract keeps it whole) but older keys are masked out anyway. (Sliding layers read apart too, with
+    presents of new keys only and pasts kept in buffers, measured slower: 36 `If` nodes and 30 slices of the
+    window cost more than the cut pasts' concats; BENCHMARKS.md.)
     """
 
     def __init__(self, attention: Attention) -> None:
@@ -269,17 +277,29 @@ class GroupedQueryAttention(nn.Module):
         v = attention.v_proj(x).view(batch, seq, attention.num_kv_heads, attention.head_dim).transpose(1, 2)
         q = apply_rope(q.transpose(1, 2), cos, sin) * attention.scale
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        k, v, key_positions, key_valid = cache.update(k, v, positions, valid)
-        if attention.sliding_window is not None:
+        groups = attention.num_heads // attention.num_kv_heads
+        grouped_q = q.reshape(batch, attention.num_kv_heads, groups * seq, attention.head_dim)
+        if attention.sliding_window is None:
+            # Past and chunk read apart (their scores side by side, one softmax): nothing in the attention copies
+            # the long past, so a loop that keeps the cache itself can drop the present's copy too
+            # (`with_new_only_full_presents`).
+            past_k, past_v, key_positions, key_valid = cache.update_apart(k, v)
+            scores = torch.cat([torch.matmul(grouped_q, past_k.transpose(2, 3)),
+                                torch.matmul(grouped_q, k.transpose(2, 3))], dim=-1)
+        else:
+            k, v, key_positions, key_valid = cache.update(k, v, positions, valid)
             first = torch.sym_max(k.shape[2] - (attention.sliding_window - 1 + seq), 0)
             k, v, key_positions, key_valid = k[:, :, first:], v[:, :, first:], key_positions[first:], \
                 key_valid[:, first:]
+            scores = torch.matmul(grouped_q, k.transpose(2, 3))
         allowed = attention_mask_for(positions, key_positions, key_valid, attention.sliding_window)[:, :, None]
-        groups = attention.num_heads // attention.num_kv_heads
-        grouped_q = q.reshape(batch, attention.num_kv_heads, groups * seq, attention.head_dim)
-        scores = torch.matmul(grouped_q, k.transpose(2, 3)).view(batch, attention.num_kv_heads, groups, seq, -1)
-        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-        out = torch.matmul(probs.view(batch, attention.num_kv_heads, groups * seq, -1), v)
+        probs = scores.view(batch, attention.num_kv_heads, groups, seq, -1).masked_fill(~allowed, float("-inf"))
+        probs = probs.softmax(-1).view(batch, attention.num_kv_heads, groups * seq, -1)
+        if attention.sliding_window is None:
+            past_length = past_k.shape[2]
+            out = torch.matmul(probs[..., :past_length], past_v) + torch.matmul(probs[..., past_length:], v)
+        else:
+            out = torch.matmul(probs, v)
         return attention.o_proj(out.view(batch, attention.num_heads, seq, attention.head_dim).transpose(1, 2)
                         .reshape(batch, seq, attention.num_heads * attention.head_dim))
 
@@ -392,6 +412,42 @@ def with_logits_to_keep(graph: ir.Model) -> ir.Model:
     main.insert_before(head, [unsqueeze, positive, negated, start, sliced])
     head.replace_input_with(0, sliced.outputs[0])
     logits.shape = ir.Shape([logits.shape[0], KEPT_AXIS, logits.shape[2]])
+    return graph
+
+
+def with_new_only_full_presents(graph: ir.Model, config: Gemma3Config) -> ir.Model:
+    """Add the optional input `full_presents_new_only` (bool scalar, default False: the standard contract).
+    When True, a full-attention layer's `present` holds only the chunk's new keys/values instead of past + new:
+    a loop that keeps those layers' cache in buffers of its own appends them there and feeds a view of the
+    buffer as the next past. At 8k context the 3 full layers' present = past + new copies ~50 MB a step, which
+    cutting the sliding pasts (`OnnxDecoder.cut_sliding_pasts`) does not touch. Each such present becomes an
+    `If` on the flag: `Identity(new)` or the original `Concat(past, new)`, which nothing else reads
+    (`GroupedQueryAttention` reads a full layer's past and new keys apart). Optimum and transformers.js never
+    feed the flag."""
+    main = graph.graph
+    flag = ir.Value(name=NEW_ONLY_PRESENTS, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.BOOL),
+                    const_value=ir.tensor(np.array(False)))
+    main.inputs.append(flag)
+    main.register_initializer(flag)  # the default; a feed of the same name overrides it
+    for index, present in enumerate(list(main.outputs)):
+        if not present.name.startswith("present.") or is_sliding_cache(present.name, config):
+            continue
+        concat = present.producer()
+        if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or len(present.uses()) != 0:
+            raise RuntimeError(f"{present.name} is not a Concat(past, new) that only the output reads")
+        name = present.name
+        main.remove(concat)
+        main.outputs.pop(index)
+        present.name = f"{name}/past_and_new"
+        identity = ir.Node("", "Identity", [concat.inputs[1]], name=f"{name}/new_only")
+        identity.outputs[0].name = f"{name}/new_only"
+        choose = ir.Node("", "If", [flag], num_outputs=1, name=f"{name}/If", attributes=[
+            ir.AttrGraph("then_branch", ir.Graph([], identity.outputs, nodes=[identity], name=f"{name}/new")),
+            ir.AttrGraph("else_branch", ir.Graph([], [present], nodes=[concat], name=f"{name}/whole"))])
+        main.append(choose)  # after everything it reads (the past input and the new keys)
+        chosen = choose.outputs[0]
+        chosen.name, chosen.shape, chosen.type = name, present.shape, present.type
+        main.outputs.insert(index, chosen)
     return graph
 
 
@@ -511,6 +567,10 @@ class OnnxDecoder:
     step. A prompt asks for its last position's logits only (`num_logits_to_keep` = 1). A sliding layer reads
     only its last `window - 1` past keys: once its past is a window longer than that, it is cut back to them
     (files that carry the window in their metadata), so no step copies a long past into a sliding `present`.
+    With one row and one KV head (Gemma 3 270M decoding a prompt) and files that have `full_presents_new_only`,
+    the full-attention layers' cache lives in buffers of this loop's own (`FullPastBuffer`): a step returns only
+    their new keys, written into the buffer's next slots, and the next step's past is a view of the buffer, so
+    no step copies a long past into a full layer's `present` either.
     """
 
     def __init__(self, model_path: Path | str, providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -526,16 +586,26 @@ class OnnxDecoder:
         self.sliding_window = int(window) if window else None
         self.sliding_pasts = [index for index, spec in enumerate(self.past_inputs)
                               if spec.shape[2] == SLIDING_PAST_AXIS]
+        # Files exported before full_presents_new_only return past + new from every layer.
+        self.can_return_new_only = any(i.name == NEW_ONLY_PRESENTS
+                                       for i in self.session.get_overridable_initializers())
+        self.full_pasts = [index for index in range(len(self.past_inputs)) if index not in self.sliding_pasts]
         self.reset()
 
     def reset(self) -> None:
         self.past: list[ort.OrtValue] | None = None
         self.attention_mask: np.ndarray | None = None
+        self.full_buffers: dict[int, FullPastBuffer] = {}
 
     def start_from(self, past: Sequence[np.ndarray], attention_mask: np.ndarray) -> None:
         """Continue after a given cache (one array per `past_key_values` input) and its mask [batch, past]."""
         self.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor)) for tensor in past]
         self.attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        self.full_buffers = {}
+        if self.can_return_new_only and all(FullPastBuffer.fits(past[index]) for index in self.full_pasts):
+            self.full_buffers = {index: FullPastBuffer(past[index]) for index in self.full_pasts}
+            for index, buffer in self.full_buffers.items():
+                self.past[index] = buffer.past()
         self.cut_sliding_pasts()
 
     def cut_sliding_pasts(self) -> None:
@@ -570,11 +640,15 @@ class OnnxDecoder:
                   "position_ids": np.ascontiguousarray(position_ids)}
         if logits_to_keep > 0 and self.can_keep_logits:
             inputs[LOGITS_TO_KEEP] = np.array(logits_to_keep, dtype=np.int64)
+        if self.full_buffers:
+            inputs[NEW_ONLY_PRESENTS] = np.array(True)
         feeds = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in inputs.items()}
         feeds.update((spec.name, past) for spec, past in zip(self.past_inputs, self.past))
         # OrtValues in and out: the presents come back as ORT-owned values and are fed in place as the next
         # pasts. (Not an io_binding: it refuses to bind num_logits_to_keep, an input with a default.)
         logits, *self.past = self.session.run_with_ort_values(self.output_names, feeds)
+        for index, buffer in self.full_buffers.items():
+            self.past[index] = buffer.append(self.past[index].numpy())
         self.cut_sliding_pasts()
         return logits.numpy()
 
@@ -601,3 +675,37 @@ class OnnxDecoder:
     def empty_past(spec: ort.NodeArg, batch: int) -> np.ndarray:
         _, kv_heads, _, head_dim = spec.shape
         return np.zeros((batch, kv_heads, 0, head_dim), dtype=ORT_DTYPES[spec.type])
+
+
+class FullPastBuffer:
+    """A full-attention layer's keys (or values) for `OnnxDecoder`, in a buffer with room to grow: the step's
+    past is a view of its first `length` slots and the step's new keys are written after them. With one row
+    and one KV head those slots are one contiguous block, so the view is what onnxruntime reads, without a
+    copy. Out of room, it moves to a buffer twice its length (amortized: one copy per doubling)."""
+
+    MIN_ROOM = 1024  # slots: a ~1k-token run never moves
+
+    def __init__(self, past: np.ndarray) -> None:
+        self.length = past.shape[2]
+        self.slots = np.empty((*past.shape[:2], max(self.MIN_ROOM, 2 * self.length), past.shape[3]), past.dtype)
+        self.slots[:, :, :self.length] = past
+
+    @staticmethod
+    def fits(past: np.ndarray) -> bool:
+        """Only [1, 1, length, dim] pasts are a contiguous run of slots."""
+        return past.shape[0] * past.shape[1] == 1
+
+    def append(self, new: np.ndarray) -> ort.OrtValue:
+        """Write the step's new keys after the past → the next step's past (a view of the buffer)."""
+        end = self.length + new.shape[2]
+        if end > self.slots.shape[2]:
+            grown = np.empty((*self.slots.shape[:2], 2 * end, self.slots.shape[3]), self.slots.dtype)
+            grown[:, :, :self.length] = self.slots[:, :, :self.length]
+            self.slots = grown
+        self.slots[:, :, self.length:end] = new
+        self.length = end
+        return self.past()
+
+    def past(self) -> ort.OrtValue:
+        # onnxruntime reads the numpy memory in place (no copy); the OrtValue keeps the array alive.
+        return ort.OrtValue.ortvalue_from_numpy(self.slots[:, :, :self.length])

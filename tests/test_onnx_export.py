@@ -4,6 +4,7 @@ file from a plain onnxruntime script; left-padded batches; sliding windows far p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,9 +18,12 @@ import pytest
 import torch
 
 from conftest import real_bundle_path
-from exporters.onnx import MODEL_FILES, OnnxDecoder, export, export_many, quantize, weight_bytes_per_token
+from exporters.onnx import (MODEL_FILES, FullPastBuffer, OnnxDecoder, export, export_many, quantize,
+                             weight_bytes_per_token)
 from exporters.signature import decoder_io
+from model.config import preset
 from model.errors import UserError
+from model.gemma3 import Gemma3Model
 from model.generate import Generator, generate
 
 LOGIT_TOLERANCE = 1e-3
@@ -159,7 +163,8 @@ def test_variant_files_signature_and_steps(tiny, tiny_exports):
             return {**spec, "shape": [axis.replace("sliding_past", "past") if isinstance(axis, str) else axis
                                       for axis in spec["shape"]]} if layer in sliding_layers else spec
         assert [as_shared(spec) for spec in variant.io["inputs"]] == [
-            *shared["inputs"], {"name": "num_logits_to_keep", "dtype": "int64", "shape": [], "default": 0}]
+            *shared["inputs"], {"name": "num_logits_to_keep", "dtype": "int64", "shape": [], "default": 0},
+            {"name": "full_presents_new_only", "dtype": "bool", "shape": [], "default": False}]
         assert [as_shared(spec) for spec in variant.io["outputs"][1:]] == shared["outputs"][1:]
         assert variant.logits_dtype == "float32"
         assert variant.io["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "seq_kept", 512]}
@@ -231,8 +236,8 @@ def test_num_logits_to_keep_runs_the_lm_head_on_the_last_positions_only(tiny_exp
     Our prefill feeds 1."""
     path = decoder_file(tiny_exports, precision)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert "num_logits_to_keep" not in [i.name for i in session.get_inputs()]
-    assert [i.name for i in session.get_overridable_initializers()] == ["num_logits_to_keep"]
+    assert not {"num_logits_to_keep", "full_presents_new_only"} & {i.name for i in session.get_inputs()}
+    assert [i.name for i in session.get_overridable_initializers()] == ["num_logits_to_keep", "full_presents_new_only"]
     ids = np.array([tiny_prompt[:20]])
     decoder = OnnxDecoder(path)
     every = decoder.extend(ids)
@@ -409,6 +414,80 @@ def test_sliding_pasts_stay_within_two_windows_and_change_nothing(tiny, tiny_exp
         assert lengths[2] == lengths[5] == 20 + step + 1
     assert max(sliding_lengths) == 7 + 8 - 1 and min(sliding_lengths) == 7
     assert [value.shape()[2] for value in whole.past[::2]] == [80] * 6
+
+
+def test_full_presents_new_only_returns_just_the_new_keys_of_full_layers(tiny, tiny_exports):
+    """The optional flag: a full layer's present becomes the chunk's own keys/values (the end of what the
+    standard contract returns), over a prompt and a decode step; sliding presents and the logits stay as
+    they were."""
+    folder, variant, _ = tiny_exports["fp32"]
+    session = onnxruntime.InferenceSession(str(folder / variant.files[0]), providers=["CPUExecutionProvider"])
+    config = tiny.model.config
+    past_names = [spec.name for spec in session.get_inputs() if spec.name.startswith("past_key_values.")]
+    prompt = {"input_ids": np.arange(3, 15, dtype=np.int64)[None], "attention_mask": np.ones((1, 12), np.int64),
+              "position_ids": np.arange(12, dtype=np.int64)[None]}
+    prompt.update({name: np.zeros((1, config.num_kv_heads, 0, config.head_dim), np.float32) for name in past_names})
+    standard = session.run(None, prompt)
+    new_only = session.run(None, {**prompt, "full_presents_new_only": np.array(True)})
+    step = {"input_ids": np.array([[9]], np.int64), "attention_mask": np.ones((1, 13), np.int64),
+            "position_ids": np.array([[12]], np.int64), **dict(zip(past_names, standard[1:]))}
+    standard_step = session.run(None, step)
+    new_only_step = session.run(None, {**step, "full_presents_new_only": np.array(True)})
+    for whole, new, seq in ((standard, new_only, 12), (standard_step, new_only_step, 1)):
+        assert np.array_equal(whole[0], new[0])
+        for index, (whole_present, new_present) in enumerate(zip(whole[1:], new[1:])):
+            if config.is_sliding(index // 2):
+                assert np.array_equal(new_present, whole_present)
+            else:
+                assert new_present.shape[2] == seq
+                assert np.array_equal(new_present, whole_present[:, :, -seq:])
+
+
+@pytest.fixture(scope="module")
+def one_kv_head_tiny(tmp_path_factory):
+    """The tiny model with one KV head, as Gemma 3 270M has: the shape whose full-layer caches `OnnxDecoder`
+    keeps in buffers of its own. (model, its fp32 file)"""
+    config = dataclasses.replace(preset("tiny"), num_kv_heads=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        model = Gemma3Model(config).eval()
+    folder = tmp_path_factory.mktemp("onnx_tiny_one_kv_head")
+    variant = export(model, folder, "fp32")
+    return model, folder / variant.files[0]
+
+
+def test_decoder_keeps_full_pasts_in_its_own_buffers_and_changes_nothing(one_kv_head_tiny, monkeypatch):
+    """Full layers' caches in `OnnxDecoder`'s buffers (new keys written in, the past fed as a view of the
+    buffer) against the standard contract (present = past + new), step by step over 60 decode steps with
+    buffers that have to grow twice: same logits, equal to a full PyTorch forward at the end; the fed pasts
+    are views of the buffers, not copies; sliding pasts are still cut to their window."""
+    model, path = one_kv_head_tiny
+    monkeypatch.setattr(FullPastBuffer, "MIN_ROOM", 16)
+    ids = torch.randint(3, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(6))
+    kept, whole = OnnxDecoder(path), OnnxDecoder(path)
+    whole.can_return_new_only = False  # as a file without full_presents_new_only: presents are past + new
+    logits = [kept.prefill(ids.numpy())]
+    assert sorted(kept.full_buffers) == [4, 5, 10, 11]  # layers 2 and 5, key and value
+    assert np.abs(whole.prefill(ids.numpy()) - logits[-1]).max() <= 1e-5
+    tokens = ids[0].tolist()
+    room = set()
+    for _ in range(60):
+        tokens.append(int(logits[-1].argmax(-1)[0]))
+        logits.append(kept.decode(np.array([tokens[-1]])))
+        assert np.abs(whole.decode(np.array([tokens[-1]])) - logits[-1]).max() <= 1e-5
+        for index, buffer in kept.full_buffers.items():
+            assert kept.past[index].shape() == [1, 1, len(tokens), 16] == whole.past[index].shape()
+            assert kept.past[index].data_ptr() == buffer.slots.ctypes.data  # a view of the buffer
+        assert kept.past[0].shape()[2] < 7 + 8
+        room.add(kept.full_buffers[4].slots.shape[2])
+    assert room == {40, 82}  # 16 slots → 2 × 20 for the prompt, then 2 × 41 at the 41st token
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens]))[0, -1].numpy()
+    assert np.abs(logits[-1][0] - expected).max() <= LOGIT_TOLERANCE
+    # Two rows are not one contiguous run of slots: the standard contract, same logits as one row each.
+    two_rows = kept.prefill(np.concatenate([ids.numpy(), ids.numpy()]))
+    assert kept.full_buffers == {} and kept.past[4].shape()[2] == 20
+    assert np.abs(two_rows - logits[0]).max() <= 1e-5
 
 
 def test_optimum_generates_what_pytorch_generates(tiny, tiny_exports, tiny_prompt, tmp_path):
