@@ -33,9 +33,9 @@ from model.generate import Generator
 from model.loading import load
 from validation.memory import reset_peak_rss, status_bytes
 
-source, max_length, filled, chunk, decode_steps = sys.argv[1], *map(int, sys.argv[2:])
+source, max_length, filled, chunk, decode_steps, threads = sys.argv[1], *map(int, sys.argv[2:])
 torch.manual_seed(0)
-torch.set_num_threads(2)
+torch.set_num_threads(threads)
 model = Gemma3Model(Gemma3Config.from_dict(json.loads(source))) if source.startswith("{") else load(source).model
 model.eval()
 ids = torch.randint(0, model.config.vocab_size, (1, max_length))
@@ -81,9 +81,10 @@ print(json.dumps({"base": base, "after_prefill": after_prefill, "final": final["
 
 
 def measure_long_context(source: str, max_length: int, filled: int, chunk: int, decode_steps: int) -> dict:
-    completed = subprocess.run([sys.executable, "-c", MEASURE_LONG_CONTEXT, source, str(max_length), str(filled),
-                                str(chunk), str(decode_steps)], cwd=REPO, capture_output=True, text=True,
-                               timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    arguments = [source, *map(str, (max_length, filled, chunk, decode_steps, ALLOCATING_THREADS))]
+    completed = subprocess.run([sys.executable, "-c", MEASURE_LONG_CONTEXT, *arguments], cwd=REPO,
+                               capture_output=True, text=True, timeout=1800,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
     assert completed.returncode == 0, completed.stderr[-3000:]
     measured = json.loads(completed.stdout.strip().splitlines()[-1])
     print({key: (value / MiB if key not in ("position",) else value) for key, value in measured.items()})
@@ -102,8 +103,8 @@ def chunk_temporaries_bytes(config, max_length: int, chunk: int) -> int:
     return masks + projections + feed_forward
 
 
-# glibc gives each allocating thread its own heap arena and each keeps its freed chunks for reuse: the script's
-# main thread and torch's one intra-op worker (set_num_threads(2)). Measured on the toy model below, six runs:
+# glibc gives each allocating thread its own heap arena and each keeps its freed chunks for reuse: the script
+# runs torch with this many threads (its main thread and one intra-op worker). Measured on the toy model below, six runs:
 # 7.8-30.1 MiB kept beyond the cache after prefill with the default arenas, 3.6-7.9 MiB with
 # MALLOC_ARENA_MAX=1; malloc_trim always brought it to the cache (+0.0 MiB).
 ALLOCATING_THREADS = 2
