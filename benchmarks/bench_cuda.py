@@ -15,7 +15,6 @@ out (a smoke run: `--preset tiny --device cpu`).
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 
 import click
@@ -24,6 +23,9 @@ import torch
 from model.config import PRESETS
 from model.gemma3 import Gemma3Model
 from model.generate import Generator
+
+# The CPU bench's timing loops (CUDA-synchronized there): run as `python benchmarks/bench_cuda.py`.
+from bench_generate import prefill_rate, timed_decode
 
 PROMPT_TOKENS = 16
 SEED_A100_COMPILED_TOK_S = 99.0  # the seed article's A100 figure, KV cache + torch.compile
@@ -40,53 +42,17 @@ def random_model(preset: str, device: str, dtype: torch.dtype) -> Gemma3Model:
     return model
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def decode_run(generator: Generator, decode: Callable, prompt: torch.Tensor, new_tokens: int, device: str
-               ) -> tuple[float, list[int]]:
-    generator.reset()
-    token = generator.prefill(prompt).argmax(-1)
-    tokens = [token]
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(new_tokens):
-        token = decode(token).argmax(-1)
-        tokens.append(token)
-    synchronize(device)
-    seconds = time.perf_counter() - started
-    return new_tokens / seconds, torch.cat(tokens).tolist()
-
-
-def measure_decode(make: Callable[[], tuple[Generator, Callable]], prompt: torch.Tensor, new_tokens: int,
-                   repeats: int, device: str) -> tuple[float, list[int]]:
-    generator, decode = make()
-    runs = [decode_run(generator, decode, prompt, new_tokens, device) for _ in range(repeats + 1)]
+def measure_decode(make_generator: Callable[[], Generator], prompt: torch.Tensor, new_tokens: int, repeats: int
+                   ) -> tuple[float, list[int]]:
+    """Median decode tok/s over `repeats` runs after a warm-up run (which compiles / records), and the tokens."""
+    generator = make_generator()
+    runs = [timed_decode(generator, prompt, new_tokens) for _ in range(repeats + 1)]
     return statistics.median(rate for rate, _ in runs[1:]), runs[-1][1]
 
 
-def prefill_rate(model: Gemma3Model, length: int, repeats: int, device: str) -> float:
-    prompt = torch.randint(10, model.config.vocab_size, (1, length), device=device)
-    generator = Generator(model, 1, length)
-    rates = []
-    for _ in range(repeats + 1):
-        generator.reset()
-        synchronize(device)
-        started = time.perf_counter()
-        generator.prefill(prompt)
-        synchronize(device)
-        rates.append(length / (time.perf_counter() - started))
-    return statistics.median(rates[1:])
-
-
-def variants(model: Gemma3Model, max_length: int, cuda: bool) -> dict[str, Callable[[], tuple[Generator, Callable]]]:
-    def made(compile: bool, cuda_graph: bool = False):
-        def make():
-            generator = Generator(model, 1, max_length, compile=compile, cuda_graph=cuda_graph)
-            return generator, generator.decode
-        return make
+def variants(model: Gemma3Model, max_length: int, cuda: bool) -> dict[str, Callable[[], Generator]]:
+    def made(compile: bool, cuda_graph: bool = False) -> Callable[[], Generator]:
+        return lambda: Generator(model, 1, max_length, compile=compile, cuda_graph=cuda_graph)
 
     found = {"eager (KV cache)": made(False), "torch.compile": made(True)}
     if cuda:  # model.generate.CapturedDecodeStep: recorded at the first decode, replayed after
@@ -121,13 +87,13 @@ def main(preset: str, device: str, dtypes: tuple[str, ...], new_tokens: int, pre
         max_length = PROMPT_TOKENS + new_tokens + 1
         eager_rate, eager_tokens = None, None
         for name, make in variants(model, max_length, cuda).items():
-            rate, tokens = measure_decode(make, prompt, new_tokens, repeats, device)
+            rate, tokens = measure_decode(make, prompt, new_tokens, repeats)
             if eager_rate is None:
                 eager_rate, eager_tokens = rate, tokens
             same = sum(a == b for a, b in zip(tokens, eager_tokens))
             print(f"| {dtype_name} | {name} | {rate:.1f} | {rate / eager_rate:.2f}× | "
                   f"{rate / SEED_A100_COMPILED_TOK_S:.2f}× | {same}/{len(tokens)} |", flush=True)
-        prefill[dtype_name] = prefill_rate(model, prefill_tokens, repeats, device)
+        prefill[dtype_name] = prefill_rate(model, prefill_tokens, repeats)
         del model
         if cuda:
             torch.cuda.empty_cache()

@@ -27,27 +27,45 @@ def decode_without_cache(model, prompt: torch.Tensor, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - started)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that the clock measures it (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_decode(generator: Generator, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+    """One greedy run after a fresh prefill → (decode tok/s, the tokens). Shared with bench_cuda.py."""
+    generator.reset()
+    token = generator.prefill(prompt).argmax(-1)
+    tokens = [token]
+    synchronize(prompt.device)
+    started = time.perf_counter()
+    for _ in range(new_tokens):
+        token = generator.decode(token).argmax(-1)
+        tokens.append(token)
+    synchronize(prompt.device)
+    return new_tokens / (time.perf_counter() - started), torch.cat(tokens).tolist()
+
+
 def decode_with_cache(model, prompt: torch.Tensor, new_tokens: int, compile: bool, repeats: int) -> float:
     generator = Generator(model, 1, prompt.shape[1] + new_tokens + 1, compile=compile)
-    rates = []
-    for _ in range(repeats + 1):  # the first run warms up (and compiles)
-        generator.reset()
-        token = generator.prefill(prompt).argmax(-1)
-        started = time.perf_counter()
-        for _ in range(new_tokens):
-            token = generator.decode(token).argmax(-1)
-        rates.append(new_tokens / (time.perf_counter() - started))
+    # The first run warms up (and compiles).
+    rates = [timed_decode(generator, prompt, new_tokens)[0] for _ in range(repeats + 1)]
     return statistics.median(rates[1:])
 
 
 def prefill_rate(model, length: int, repeats: int) -> float:
-    prompt = torch.randint(10, model.config.vocab_size, (1, length))
+    """Median prefill tok/s of a `length`-token prompt on the model's device (after one warm-up run)."""
+    device = model.embed_tokens.weight.device
+    prompt = torch.randint(10, model.config.vocab_size, (1, length), device=device)
     generator = Generator(model, 1, length)
     rates = []
     for _ in range(repeats + 1):
         generator.reset()
+        synchronize(device)
         started = time.perf_counter()
         generator.prefill(prompt)
+        synchronize(device)
         rates.append(length / (time.perf_counter() - started))
     return statistics.median(rates[1:])
 
