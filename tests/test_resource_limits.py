@@ -104,8 +104,8 @@ def chunk_temporaries_bytes(config, max_length: int, chunk: int) -> int:
 
 
 # glibc gives each allocating thread its own heap arena and each keeps its freed chunks for reuse: the script
-# runs torch with this many threads (its main thread and one intra-op worker). Measured on the toy model below, six runs:
-# 7.8-30.1 MiB kept beyond the cache after prefill with the default arenas, 3.6-7.9 MiB with
+# runs torch with this many threads (its main thread and one intra-op worker). Measured on the toy model below,
+# six runs: 7.8-30.1 MiB kept beyond the cache after prefill with the default arenas, 3.6-7.9 MiB with
 # MALLOC_ARENA_MAX=1; malloc_trim always brought it to the cache (+0.0 MiB).
 ALLOCATING_THREADS = 2
 
