@@ -579,16 +579,16 @@ class OnnxDecoder:
                                             providers=list(providers))
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        optional_inputs = {i.name for i in self.session.get_overridable_initializers()}
         # Files exported before num_logits_to_keep existed compute the logits of every position.
-        self.can_keep_logits = any(i.name == LOGITS_TO_KEEP for i in self.session.get_overridable_initializers())
+        self.can_keep_logits = LOGITS_TO_KEEP in optional_inputs
         # Files exported before sliding pasts had their own axis keep every past whole.
         window = self.session.get_modelmeta().custom_metadata_map.get(SLIDING_WINDOW_KEY)
         self.sliding_window = int(window) if window else None
         self.sliding_pasts = [index for index, spec in enumerate(self.past_inputs)
                               if spec.shape[2] == SLIDING_PAST_AXIS]
         # Files exported before full_presents_new_only return past + new from every layer.
-        self.can_return_new_only = any(i.name == NEW_ONLY_PRESENTS
-                                       for i in self.session.get_overridable_initializers())
+        self.can_return_new_only = NEW_ONLY_PRESENTS in optional_inputs
         self.full_pasts = [index for index in range(len(self.past_inputs)) if index not in self.sliding_pasts]
         self.reset()
 

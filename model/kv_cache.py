@@ -104,23 +104,18 @@ class ConcatLayerKVCache:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        all_keys, all_values = self.record_present(keys, values)
-        return (all_keys, all_values, *self.positions_and_validity(all_keys.shape[2], keys.device))
+        _, _, key_positions, key_valid = self.update_apart(keys, values)
+        return (*self.present, key_positions, key_valid)
 
     def update_apart(self, keys: torch.Tensor, values: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Record the present like `update`, but return the past keys/values as they came in (the chunk's own
+        """Record the present (past + new), but return the past keys/values as they came in (the chunk's own
         are the caller's), with the positions/validity of past + chunk: an attention that reads past and chunk
         apart reads no concatenated copy, so only the `present` output needs one."""
         past_keys, past_values = self.past_keys.to(keys.dtype), self.past_values.to(values.dtype)
-        self.record_present(keys, values)
+        self.present = (torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2))
         length = past_keys.shape[2] + keys.shape[2]
         return (past_keys, past_values, *self.positions_and_validity(length, keys.device))
-
-    def record_present(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.present = (torch.cat([self.past_keys.to(keys.dtype), keys], dim=2),
-                        torch.cat([self.past_values.to(values.dtype), values], dim=2))
-        return self.present
 
     def positions_and_validity(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [length] and validity [batch, length] of the layer's last `length` keys."""
