@@ -33,6 +33,7 @@ The traced module (`StatefulDecoder`) reuses the reference model's weights but i
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import platform
 from collections.abc import Callable, Sequence
@@ -251,43 +252,73 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp16", max_conte
            query_lengths: Sequence[int] = (1, 64, 512), lm_head_chunks: int = 16, progress: Progress = None,
            deployment_target: str = "iOS18") -> ExportedVariant:
     """Convert `model` into out_dir/<PACKAGE_NAMES[precision]> and describe it."""
-    import coremltools as ct
+    return export_many(model, out_dir, [precision], max_context, query_lengths, lm_head_chunks, progress,
+                       deployment_target)[0]
 
+
+def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], max_context: int | None = None,
+                query_lengths: Sequence[int] = (1, 64, 512), lm_head_chunks: int = 16, progress: Progress = None,
+                deployment_target: str = "iOS18") -> list[ExportedVariant]:
+    """Each precision's package in `out_dir`, in the order asked. Trace + convert is most of an export (~2 min on
+    the real 270M): fp16, int8 and int4 share one conversion (fp16 compute; the 8- and 4-bit packages compress
+    its weights, which leaves it as it was), fp32 has its own (fp32 compute, the rounding-error cache)."""
     config = model.config
     if max_context is None:  # 2048, or the whole context of a model that has less (tiny: 1024)
         max_context = min(DEFAULT_MAX_CONTEXT, config.context_length)
-    query_lengths = check_options(config, precision, max_context, tuple(query_lengths), lm_head_chunks,
-                                  deployment_target)
-    report(progress, "trace")
+    for precision in precisions:
+        query_lengths = check_options(config, precision, max_context, tuple(query_lengths), lm_head_chunks,
+                                      deployment_target)
     if next(model.parameters()).dtype != torch.float32:
         model = copy.deepcopy(model).float()  # the caller's model stays as it was; precision is Core ML's job
-    decoder = StatefulDecoder(model.eval(), max_context, lm_head_chunks, residual_cache=precision == "fp32").eval()
+    by_conversion: dict[bool, list[str]] = {}
+    for precision in precisions:
+        by_conversion.setdefault(precision == "fp32", []).append(precision)
+    variants: dict[str, ExportedVariant] = {}
+    for float32_compute, made_from_it in by_conversion.items():
+        decoder = StatefulDecoder(model.eval(), max_context, lm_head_chunks, residual_cache=float32_compute).eval()
+        converted = convert(decoder, config, max_context, query_lengths, float32_compute, progress)
+        io = package_io(config, decoder.cache_names, cache_shape(config, max_context), query_lengths)
+        del decoder
+        for precision in made_from_it:
+            mlmodel = converted
+            if precision in ("int8", "int4"):
+                report(progress, "compress")
+                mlmodel = compress(converted, precision)
+            report(progress, "save")
+            describe(mlmodel, config, precision, max_context, query_lengths, lm_head_chunks)
+            path = Path(out_dir) / PACKAGE_NAMES[precision]
+            mlmodel.save(str(path))
+            variants[precision] = ExportedVariant(
+                precision=precision, files=[path.name], io=io,
+                options=export_options(max_context, query_lengths, lm_head_chunks),
+                deployment_target=deployment_target, logits_dtype="float32")
+            del mlmodel
+        del converted
+        gc.collect()  # before the next conversion: a converted program holds a copy of the weights
+    return [variants[precision] for precision in precisions]
+
+
+def convert(decoder: StatefulDecoder, config: Gemma3Config, max_context: int, query_lengths: tuple[int, ...],
+            float32_compute: bool, progress: Progress) -> Any:
+    """`decoder` traced, then converted to an ML Program (not loaded: prediction needs macOS)."""
+    import coremltools as ct
+
+    report(progress, "trace")
     example = (torch.zeros(1, query_lengths[-1], dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
     with torch.no_grad():
         traced = torch.jit.trace(decoder, example, check_trace=False)
     report(progress, "convert")
-    mlmodel = ct.convert(
+    return ct.convert(
         traced,
         inputs=[ct.TensorType("input_ids", shape=input_ids_shape(query_lengths), dtype=np.int32),
                 ct.TensorType("cache_position", shape=(1,), dtype=np.int32)],
         outputs=[ct.TensorType("logits", dtype=np.float32)],
         states=state_types(decoder.cache_names, cache_shape(config, max_context)),
         minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
+        compute_precision=ct.precision.FLOAT32 if float32_compute else ct.precision.FLOAT16,
         convert_to="mlprogram",
         skip_model_load=True,
     )
-    if precision in ("int8", "int4"):
-        report(progress, "compress")
-        mlmodel = compress(mlmodel, precision)
-    report(progress, "save")
-    describe(mlmodel, config, precision, max_context, query_lengths, lm_head_chunks)
-    path = Path(out_dir) / PACKAGE_NAMES[precision]
-    mlmodel.save(str(path))
-    io = package_io(config, decoder.cache_names, cache_shape(config, max_context), query_lengths)
-    return ExportedVariant(precision=precision, files=[path.name], io=io,
-                           options=export_options(max_context, query_lengths, lm_head_chunks),
-                           deployment_target=deployment_target, logits_dtype="float32")
 
 
 def check_options(config: Gemma3Config, precision: str, max_context: int, query_lengths: tuple[int, ...],

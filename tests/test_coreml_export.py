@@ -58,17 +58,19 @@ def package_megabytes(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20
 
 
-def export_timed(model, out_dir: Path, precision: str, **options) -> tuple[Path, dict[str, float]]:
+def export_timed(model, out_dir: Path, precisions: list[str], **options) -> dict[str, tuple[Path, dict[str, float]]]:
+    """`coreml.export_many` of `precisions` (one conversion for fp16/int8/int4): precision → (package, stats of
+    the whole export: seconds, peak RSS, and the package's size)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with PeakMemory() as memory:
-        variant = coreml.export(model, out_dir, precision, **options)
-    path = out_dir / variant.files[0]
-    stats = {"seconds": time.perf_counter() - started, "peak_rss_gb": memory.peak_bytes / 2 ** 30,
-             "size_mb": package_megabytes(path)}
-    print(f"\n[coreml {precision}] convert {stats['seconds']:.1f} s, peak RSS {stats['peak_rss_gb']:.2f} GB, "
-          f"package {stats['size_mb']:.1f} MB")
-    return path, stats
+        variants = coreml.export_many(model, out_dir, precisions, **options)
+    seconds, peak_gb = time.perf_counter() - started, memory.peak_bytes / 2 ** 30
+    print(f"\n[coreml {'+'.join(precisions)}] convert {seconds:.1f} s, peak RSS {peak_gb:.2f} GB")
+    return {variant.precision: (out_dir / variant.files[0],
+                                {"seconds": seconds, "peak_rss_gb": peak_gb,
+                                 "size_mb": package_megabytes(out_dir / variant.files[0])})
+            for variant in variants}
 
 
 def compare(runner: MILRunner, prompt: list[int], reference) -> dict[str, float]:
@@ -96,8 +98,8 @@ def report(name: str, result: dict[str, float]) -> None:
 @pytest.fixture(scope="module")
 def tiny_packages(tiny, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("coreml_tiny")
-    return {precision: export_timed(tiny.model, out_dir, precision, **TINY_OPTIONS)[0]
-            for precision in coreml.PRECISIONS}
+    exported = export_timed(tiny.model, out_dir, list(coreml.PRECISIONS), **TINY_OPTIONS)
+    return {precision: path for precision, (path, _) in exported.items()}
 
 
 @pytest.fixture(scope="module")
@@ -198,12 +200,24 @@ def real_config_only():
     return preset("270m")
 
 
-def test_progress_reports_each_step_and_default_context_fits_the_model(tiny, tmp_path):
+def test_one_conversion_serves_fp16_and_int4_and_default_context_fits_the_model(tiny, tmp_path):
+    from validation.mil import load_program
+
     steps = []
-    exported = coreml.export(tiny.model, tmp_path, "int4", query_lengths=(1,), progress=steps.append)
-    assert steps == ["trace", "convert", "compress", "save"]
+    exported = coreml.export_many(tiny.model, tmp_path, ["int4", "fp16"], query_lengths=(1,), progress=steps.append)
+    assert steps == ["trace", "convert", "compress", "save", "save"]
+    assert [variant.precision for variant in exported] == ["int4", "fp16"]
     # The default 2048 is more than tiny's whole context (1024): the package takes the model's context.
-    assert exported.options["max_context"] == tiny.model.config.context_length == 1024
+    assert exported[0].options["max_context"] == tiny.model.config.context_length == 1024
+    compressed_ops = {}
+    for variant in exported:
+        spec, program = load_program(tmp_path / variant.files[0])
+        assert spec.description.metadata.userDefined["precision"] == variant.precision
+        compressed_ops[variant.precision] = sum(op.op_type.startswith("constexpr_")
+                                                for op in program.functions["main"].operations)
+    # Compressing the int4 package first left the shared conversion as it was: the fp16 package saved after it
+    # holds plain weights.
+    assert compressed_ops == {"int4": 6 * 5, "fp16": 0}
 
 
 def test_runtime_decoder_needs_macos(tiny_packages):
@@ -233,8 +247,12 @@ def real_export(real, real_bundles, tmp_path_factory):
     def get(precision: str) -> tuple[Path, dict[str, float]]:
         if precision not in exported:
             shipped = bundle / coreml.PACKAGE_NAMES[precision]
-            exported[precision] = ((shipped, {"size_mb": package_megabytes(shipped)}) if shipped.exists()
-                                   else export_timed(real.model, out_dir, precision))
+            if shipped.exists():
+                exported[precision] = (shipped, {"size_mb": package_megabytes(shipped)})
+            else:  # int8 and int4 from one conversion, as `gemma-export export` makes them
+                compressed = [p for p in ("int8", "int4") if not (bundle / coreml.PACKAGE_NAMES[p]).exists()]
+                exported.update(export_timed(real.model, out_dir, compressed if precision in compressed
+                                             else [precision]))
         return exported[precision]
     return get
 
