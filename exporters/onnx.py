@@ -226,7 +226,6 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.attention = attention
         self.qkv = ConcatenatedLinear(attention.q_proj, attention.k_proj, attention.v_proj)
-        del attention.q_proj, attention.k_proj, attention.v_proj  # of this module's copy: the model keeps its own
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 valid: torch.Tensor, cache: ConcatLayerKVCache) -> torch.Tensor:
@@ -320,7 +319,9 @@ def with_grouped_attention(model: Gemma3Model) -> Gemma3Model:
     shared = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
     converted = copy.deepcopy(model, memo=shared)
     for layer in converted.layers:
-        layer.attention = GroupedQueryAttention(layer.attention)
+        attention = layer.attention
+        layer.attention = GroupedQueryAttention(attention)
+        del attention.q_proj, attention.k_proj, attention.v_proj  # the copy's, now stacked in `qkv`: traced once
         layer.feed_forward = ConcatenatedFeedForward(layer.feed_forward)
     norms = [(name, module) for name, module in converted.named_modules() if isinstance(module, RMSNorm)]
     for name, norm in norms:
