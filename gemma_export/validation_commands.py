@@ -120,7 +120,7 @@ def run_bench(loaded: LoadedModel, artifacts_root: Path, selection: Selection = 
         baseline_jobs = [BenchJob(baseline_spec(name, files), str(artifacts_root), weights.slug, weights.source_id,
                                   weights.weight_sha256, settings, model_path=str(files.path_for(name)))
                          for name in baselines]
-        with tqdm(total=len(jobs) + len(baseline_jobs), desc="bench", unit="runner") as bar:
+        with tqdm(total=(len(jobs) + len(baseline_jobs)) * settings.rounds, desc="bench", unit="runner") as bar:
             def advance(name: str) -> None:
                 bar.set_postfix_str(name)
                 bar.update(1)
@@ -220,6 +220,10 @@ def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], pre
 @click.option("--prefill-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed runs per measurement (median), after one warm-up run.")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Measure every runner and baseline this many times, each time in a fresh process and in "
+                   "alternating order; report the medians (and the median of each round's ratio to a baseline). "
+                   "For shared, noisy machines.")
 @click.option("--bandwidth-mb", type=click.IntRange(min=16), default=1024, show_default=True,
               help="Buffer size of the read-bandwidth measurement.")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(BASELINE_CHOICES),
@@ -228,14 +232,14 @@ def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], pre
                    "transformers runs the same weights in fp32.")
 def bench_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
                   devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
-                  threads: int, decode_tokens: int, prefill_tokens: int, repeats: int, bandwidth_mb: int,
-                  baselines: tuple[str, ...]) -> None:
+                  threads: int, decode_tokens: int, prefill_tokens: int, repeats: int, rounds: int,
+                  bandwidth_mb: int, baselines: tuple[str, ...]) -> None:
     """Measure load time, TTFT, prefill/decode tok/s, peak RSS and % of the bandwidth ceiling per runner, and
     with --baseline each runner's ratio to llama.cpp and/or transformers."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)
     loaded = load(model_id)
     settings = BenchSettings(threads=threads, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
-                             repeats=repeats)
+                             repeats=repeats, rounds=rounds)
     outcome = run_bench(loaded, out_dir, selection, settings, bandwidth_mb, baselines)
     finish(outcome, write_report(out_dir, loaded.weights.slug), "benchmark")
 

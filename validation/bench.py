@@ -5,6 +5,9 @@ Each runner is measured in a fresh process (`python -m validation.bench --one <j
 its own and the memory of one runtime is given back before the next starts. Timings are medians of
 `repeats` runs after one warm-up run that is not counted. The baselines (validation/baselines.py: llama.cpp,
 transformers) are measured the same way in the same run, and every runner row gets its ratio to each of them.
+With `rounds` > 1 every runner and baseline is measured that many times, a round at a time and in alternating
+order, and each number is the median over the rounds: on a shared machine one process can land in a busy minute,
+and a ratio is only as good as the two numbers it divides.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ class BenchSettings:
     prefill_tokens: int = 512
     decode_tokens: int = 256
     repeats: int = 3
+    rounds: int = 1  # bench_all measures every runner and baseline this many times (see combine_rounds)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
 
 
 @dataclass(frozen=True)
@@ -193,18 +201,73 @@ def measure_jobs(jobs: Sequence[BenchJob], bandwidth: float,
 def bench_all(jobs: Sequence[BenchJob], bandwidth_megabytes: int = 1024,
               on_runner: Callable[[str], None] | None = None,
               baseline_jobs: Sequence[BenchJob] = ()) -> dict[str, Any]:
-    """Measure the read bandwidth once, then each runner and each baseline in its own process; every runner
-    row gets `vs_baselines`, its ratio to each baseline that was measured."""
+    """Measure the read bandwidth once, then each runner and each baseline in its own process, `rounds` times
+    (the jobs' settings); every runner row gets `vs_baselines`, its ratio to each baseline that was measured."""
     from validation.bandwidth import measure_read_bandwidth
 
     bandwidth = measure_read_bandwidth(bandwidth_megabytes)
-    rows = measure_jobs(jobs, bandwidth, on_runner)
-    baselines = measure_jobs(baseline_jobs, bandwidth, on_runner)
-    add_ratios(rows, baselines)
     every_job = [*jobs, *baseline_jobs]
-    settings = asdict(every_job[0].settings) if every_job else {}
+    settings = every_job[0].settings if every_job else BenchSettings()
+    rounds = [measure_round(jobs, baseline_jobs, bandwidth, on_runner, reverse=index % 2 == 1)
+              for index in range(settings.rounds)]
+    rows = [combine_rounds([runners[index] for runners, _ in rounds]) for index in range(len(jobs))]
+    baselines = [combine_rounds([measured[index] for _, measured in rounds]) for index in range(len(baseline_jobs))]
     return {"read_bandwidth_bytes_per_second": bandwidth, "bandwidth_buffer_megabytes": bandwidth_megabytes,
-            "settings": settings, "runners": rows, "baselines": baselines}
+            "settings": asdict(settings) if every_job else {}, "runners": rows, "baselines": baselines}
+
+
+def measure_round(jobs: Sequence[BenchJob], baseline_jobs: Sequence[BenchJob], bandwidth: float,
+                  on_runner: Callable[[str], None] | None,
+                  reverse: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every runner and baseline once → (runner rows with their ratios, baseline rows). Every other round runs
+    in reverse order, so the runner measured just before a baseline in one round is measured just after it in
+    the next, and a machine's load that drifts during a run does not favour one side of a ratio."""
+    order = [*jobs, *baseline_jobs]
+    measured = measure_jobs(order[::-1] if reverse else order, bandwidth, on_runner)
+    if reverse:
+        measured.reverse()
+    runners, baselines = measured[:len(jobs)], measured[len(jobs):]
+    add_ratios(runners, baselines)
+    return runners, baselines
+
+
+# Timings: the median over the rounds; peak RSS: the highest; the rest (sizes, token counts) is the same in each.
+MEDIAN_OVER_ROUNDS = ("load_seconds", "time_to_first_token_seconds", "prefill_tokens_per_second",
+                      "decode_tokens_per_second", "ceiling_tokens_per_second", "percent_of_ceiling")
+
+
+def combine_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One runner's (or baseline's) rows from every round → one row. A ratio to a baseline is the median of the
+    rounds' ratios, each of two numbers measured minutes apart, not the ratio of medians taken a run apart. A
+    round that failed fails the row with its error: a runner that crashes once in three is not fine."""
+    failed = [row for row in rounds if "error" in row]
+    if failed:
+        return {**failed[0], "rounds": len(rounds), "failed_rounds": len(failed)}
+    combined = {**rounds[0], "rounds": len(rounds)}
+    for metric in MEDIAN_OVER_ROUNDS:
+        if metric in combined:
+            combined[metric] = statistics.median(row[metric] for row in rounds)
+    if "peak_rss_bytes" in combined:
+        combined["peak_rss_bytes"] = max(row["peak_rss_bytes"] for row in rounds)
+    if len(rounds) > 1:
+        combined["decode_tokens_per_second_by_round"] = [row["decode_tokens_per_second"] for row in rounds]
+    # Only baselines measured in every round (a baseline that failed a round fails its own row).
+    names = set.intersection(*(set(row.get("vs_baselines", {})) for row in rounds))
+    if names:
+        combined["vs_baselines"] = {name: median_ratios([row["vs_baselines"][name] for row in rounds])
+                                    for name in rounds[0]["vs_baselines"] if name in names}
+    else:
+        combined.pop("vs_baselines", None)
+    return combined
+
+
+def median_ratios(ratios_by_round: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
+    """Each metric's median over the rounds that have a number for it (None where none has)."""
+    result = {}
+    for metric in ratios_by_round[0]:
+        values = [ratios[metric] for ratios in ratios_by_round if ratios.get(metric) is not None]
+        result[metric] = statistics.median(values) if values else None
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -165,7 +165,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Skipped", ""] + [f"- {reason}: {', '.join(runners)}" for reason, runners in skipped.items()]
     baselines = report.get("bench", {}).get("baselines", [])
     if baselines:
-        lines += ["", "## Against the baselines", "", BASELINE_NOTE, ""]
+        lines += ["", "## Against the baselines", "", baseline_note(report), ""]
         lines += markdown_table(BASELINE_HEADER, [baseline_cells(row) for row in baselines])
         ratio_rows = ratio_table_rows(report)
         if ratio_rows:
@@ -185,6 +185,16 @@ BASELINE_NOTE = ("What a user would run instead, measured in the same run on the
                  "answers sooner and uses less memory.")
 BASELINE_HEADER = ["baseline", "precision", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS",
                    "size", "error"]
+
+
+def baseline_note(report: dict[str, Any]) -> str:
+    rounds = report.get("bench", {}).get("settings", {}).get("rounds", 1)
+    if rounds == 1:
+        return BASELINE_NOTE
+    return (f"{BASELINE_NOTE} Medians of {rounds} rounds (each measures every runner and baseline once, in fresh "
+            "processes, in alternating order); a ratio is the median of the rounds' ratios, peak RSS the highest.")
+
+
 RATIO_HEADER = ["runner", "vs baseline", "decode ×", "prefill ×", "TTFT ×", "peak RSS ×"]  # as RATIO_METRICS
 
 
@@ -385,7 +395,7 @@ def html_baselines(report: dict[str, Any]) -> str:
     if not baselines:
         return ""
     ratio_rows = ratio_table_rows(report)
-    return ("<h2>Against the baselines</h2>" f"<p class='meta'>{html.escape(BASELINE_NOTE)}</p>"
+    return ("<h2>Against the baselines</h2>" f"<p class='meta'>{html.escape(baseline_note(report))}</p>"
             + html_table(BASELINE_HEADER, [baseline_cells(row) for row in baselines], verdict_column=None)
             + (html_table(RATIO_HEADER, ratio_rows, verdict_column=None) if ratio_rows else "")
             + html_plot("Runner ÷ baseline", baseline_ratio_plot(report),
