@@ -251,13 +251,12 @@ def combine_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
         combined["peak_rss_bytes"] = max(row["peak_rss_bytes"] for row in rounds)
     if len(rounds) > 1:
         combined["decode_tokens_per_second_by_round"] = [row["decode_tokens_per_second"] for row in rounds]
-    # Only baselines measured in every round (a baseline that failed a round fails its own row).
-    names = set.intersection(*(set(row.get("vs_baselines", {})) for row in rounds))
-    if names:
+    # Ratios only to baselines measured in every round (a baseline that failed a round fails its own row).
+    every_round = [name for name in combined.pop("vs_baselines", {})
+                   if all(name in row.get("vs_baselines", {}) for row in rounds)]
+    if every_round:
         combined["vs_baselines"] = {name: median_ratios([row["vs_baselines"][name] for row in rounds])
-                                    for name in rounds[0]["vs_baselines"] if name in names}
-    else:
-        combined.pop("vs_baselines", None)
+                                    for name in every_round}
     return combined
 
 
