@@ -37,9 +37,7 @@ def random_model(preset: str, device: str, dtype: torch.dtype) -> Gemma3Model:
         model = Gemma3Model(PRESETS[preset])
     for parameter in model.parameters():  # Gemma-like scale: an N(0, 0.02) init keeps activations finite
         torch.nn.init.normal_(parameter, std=0.02)
-    model = model.to(dtype=dtype).eval()
-    model.init_buffers(device)
-    return model
+    return model.to(dtype=dtype).eval()
 
 
 def measure_decode(make_generator: Callable[[], Generator], prompt: torch.Tensor, new_tokens: int, repeats: int

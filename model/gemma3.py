@@ -4,6 +4,11 @@ Reads like the paper: RMSNorm scales by (1 + weight) in float32; queries and key
 RoPE; sliding-window layers use RoPE base 10 000, full layers 1 000 000; the embedding is multiplied by
 sqrt(hidden_size); every block has four norms (before and after attention, before and after the feed-forward);
 the LM head is the embedding matrix.
+
+Precision: a model cast to bfloat16 or float16 keeps 16-bit weights, matrix products and KV cache, and does
+everything else in float32: the residual stream, every norm, RoPE, the feed-forward's GELU, the logits.
+Gemma's residual stream grows past float16's largest value (65 504), so a model run wholly in float16 turns
+into NaN, and one run wholly in bfloat16 drifts from the reference. For a float32 model every cast is a no-op.
 """
 
 from __future__ import annotations
@@ -25,10 +30,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 whatever the model dtype: Gemma's residual stream is large enough for x² to overflow fp16.
+        """float32 in and out whatever the weights' dtype (the module docstring says why)."""
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return normed * (1.0 + self.weight.float())
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer that multiplies in its weights' dtype and hands float32 on."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).float()
 
 
 class RotaryEmbedding(nn.Module):
@@ -124,10 +139,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.sliding_window = config.sliding_window if is_sliding else None
         self.scale = config.query_pre_attn_scalar ** -0.5
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, config.num_heads * config.head_dim)
+        self.k_proj = Linear(config.hidden_size, config.num_kv_heads * config.head_dim)
+        self.v_proj = Linear(config.hidden_size, config.num_kv_heads * config.head_dim)
+        self.o_proj = Linear(config.num_heads * config.head_dim, config.hidden_size)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
@@ -137,8 +152,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        # Attention's products read a 16-bit cache in a 16-bit model (SDPA's CPU kernels accumulate and take the
+        # softmax in float32).
+        dtype = self.k_proj.weight.dtype
+        q = apply_rope(self.q_norm(q), cos, sin).to(dtype)
+        k = apply_rope(self.k_norm(k), cos, sin).to(dtype)
+        v = v.to(dtype)
         if cache is None:
             key_positions, key_valid = positions, valid
         else:
@@ -158,9 +177,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: Gemma3Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -183,6 +202,10 @@ class TransformerBlock(nn.Module):
         return x + self.post_feedforward_norm(self.feed_forward(self.pre_feedforward_norm(x)))
 
 
+# Rows of a 16-bit LM head widened to float32 at once: a bounded temporary instead of a float32 copy of the head.
+HEAD_ROWS_PER_CHUNK = 16384
+
+
 class Gemma3Model(nn.Module):
     """`model(input_ids)` → float32 logits [batch, seq, vocab]: a full forward with no cache.
 
@@ -200,11 +223,19 @@ class Gemma3Model(nn.Module):
         self.init_buffers()
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """(Re)create the computed, non-persistent float32 buffers (RoPE frequencies, embedding scale): a model
-        built on the meta device, or cast to bf16/fp16 as a whole, calls this to get exact ones back."""
+        """(Re)create the computed, non-persistent float32 buffers (RoPE frequencies, embedding scale), on the
+        weights' device: after a build on the meta device, and after every cast (`_apply`)."""
         with torch.device(device or self.embed_tokens.weight.device):
             self.rope_local, self.rope_global = rotary_embeddings(self.config)
             self.register_buffer("embed_scale", torch.tensor(math.sqrt(self.config.hidden_size)), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 — nn.Module's own signature
+        """`.to(dtype)`, `.half()`, `.bfloat16()` cast every floating buffer: in bfloat16 the RoPE frequencies
+        keep 8 significant bits, which turns the angle of position 500 by up to a radian. The computed
+        buffers are made again in float32 after any cast."""
+        super()._apply(fn, recurse)
+        self.init_buffers()
+        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -225,8 +256,8 @@ class Gemma3Model(nn.Module):
             position_ids = positions_from_mask(attention_mask, seq) if attention_mask is not None \
                 else cache_position[None].expand(batch, seq)
         x = self.embed_tokens(input_ids)
-        # HF multiplies by sqrt(hidden) rounded to the model dtype; doing the same keeps bf16/fp16 runs equal.
-        x = x * self.embed_scale.to(x.dtype)
+        # HF multiplies by sqrt(hidden) rounded to the model dtype; so do we, then the residual stream is float32.
+        x = (x * self.embed_scale.to(x.dtype)).float()
         rope_local, rope_global = self.rope_local(position_ids), self.rope_global(position_ids)
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
@@ -252,7 +283,13 @@ class Gemma3Model(nn.Module):
         return [(empty, empty) for _ in range(self.config.num_layers)]
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.embed_tokens.weight).float()
+        """float32 logits from float32 hidden states. 16-bit rows are widened a chunk at a time: a 16-bit
+        product would round each logit to 16 bits, which in bfloat16 (8 significant bits) moves a logit of 30
+        by up to 0.06, enough to swap near-tied tokens."""
+        weight = self.embed_tokens.weight
+        if weight.dtype == torch.float32:
+            return F.linear(hidden, weight)
+        return torch.cat([F.linear(hidden, rows.float()) for rows in weight.split(HEAD_ROWS_PER_CHUNK)], dim=-1)
 
     @property
     def weight_bytes_per_token(self) -> int:

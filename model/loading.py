@@ -48,10 +48,8 @@ def build_model(weights: LoadedWeights, device: torch.device, dtype: torch.dtype
     if missing or unexpected:
         raise UserError(f"weights don't match the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
                         "use a Gemma 3 checkpoint")
-    model.init_buffers(device)  # the meta-device buffers → real ones,
-    model = model.to(device=device, dtype=dtype).eval()
-    model.init_buffers(device)  # and float32 again after the cast to the model dtype
-    return model
+    model.init_buffers(device)  # the meta-device buffers → real ones (the cast below makes them again in float32)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def load_tokenizer(weights: LoadedWeights) -> GemmaTokenizer:

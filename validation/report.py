@@ -120,18 +120,33 @@ def size_text(size: Any) -> str:
     return "—" if size is None else f"{size / 2**20:.1f} MiB"
 
 
+def has_nonfinite_logits(row: dict[str, Any]) -> bool:
+    return bool(row.get("nonfinite_logits"))
+
+
+def verdict_text(row: dict[str, Any]) -> str:
+    """The verdict, with NaN named: its distances are NaN (null in report.json), which alone would read '—'."""
+    return f"{row['verdict']} (NaN/Inf logits)" if has_nonfinite_logits(row) else row["verdict"]
+
+
+def speed(row: dict[str, Any]) -> dict[str, Any]:
+    """A runner's bench numbers, none for one whose logits hold NaN/Inf: the speed of a wrong answer is no speed."""
+    return {} if has_nonfinite_logits(row) else row["bench"]
+
+
 def summary_cells(row: dict[str, Any]) -> list[str]:
-    bench = row["bench"]
+    bench = speed(row)
     greedy = (f"{row['greedy_match_steps']}/{row['greedy_steps']}" if "greedy_match_steps" in row else "—")
     top1 = row.get("top1_agreement")
-    return [row["backend"], row["precision"], row["device"], row["verdict"],
-            number(row.get("max_abs_logit_diff"), ".2e"), "—" if top1 is None else f"{100 * top1:.1f}", greedy,
+    return [row["backend"], row["precision"], row["device"], verdict_text(row),
+            number(row.get("max_abs_logit_diff"), ".2e"), number(row.get("mean_kl_divergence"), ".2e"),
+            "—" if top1 is None else f"{100 * top1:.1f}", greedy, number(row.get("perplexity_ratio"), ".4f"),
             number(bench.get("decode_tokens_per_second"), ".1f"), number(bench.get("percent_of_ceiling"), ".0f"),
-            size_text(row.get("size_bytes", bench.get("size_bytes")))]
+            size_text(row.get("size_bytes", row["bench"].get("size_bytes")))]
 
 
-SUMMARY_HEADER = ["backend", "precision", "device", "verdict", "max abs Δlogit", "top-1 %", "greedy match",
-                  "decode tok/s", "% ceiling", "size"]
+SUMMARY_HEADER = ["backend", "precision", "device", "verdict", "max abs Δlogit", "mean KL", "top-1 %",
+                  "greedy match", "perplexity ratio", "decode tok/s", "% ceiling", "size"]
 
 
 def skipped_by_reason(report: dict[str, Any]) -> dict[str, list[str]]:
@@ -245,9 +260,12 @@ def logit_difference_plot(rows: Sequence[dict[str, Any]]) -> str | None:
         return None
     figure, axes = new_figure()
     for row in compared:
-        values = [max(step["max_abs_logit_diff"], ZERO_DIFFERENCE_FLOOR)
+        # A NaN step is null in report.json: a gap in the line, and the runner's label says why.
+        values = [math.nan if step["max_abs_logit_diff"] is None else max(step["max_abs_logit_diff"],
+                                                                          ZERO_DIFFERENCE_FLOOR)
                   for prompt in row["prompts"] for step in prompt["steps"]]
-        axes.plot(range(len(values)), values, marker=".", label=row["runner"])
+        label = row["runner"] + (" (NaN/Inf logits)" if has_nonfinite_logits(row) else "")
+        axes.plot(range(len(values)), values, marker=".", label=label)
     offset = 0
     for prompt in compared[0]["prompts"]:
         axes.axvline(offset - 0.5, color="grey", linestyle=":")
@@ -277,7 +295,7 @@ def finished_bar_plot(figure: Any, axes: Any, xlabel: str, legend: bool = False)
 
 
 def top1_plot(rows: Sequence[dict[str, Any]]) -> str | None:
-    compared = [row for row in rows if row.get("top1_agreement") is not None]
+    compared = [row for row in rows if row.get("top1_agreement") is not None and row.get("thresholds")]
     if not compared:
         return None
     figure, axes = new_figure(0.45 * len(compared) + 1.2)
@@ -297,7 +315,7 @@ def top1_plot(rows: Sequence[dict[str, Any]]) -> str | None:
 def decode_speed_plot(rows: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]] = ()) -> str | None:
     """Decode tok/s of every runner (blue) and baseline (grey) against its memory-bandwidth ceiling."""
     measured = [row for row in [*rows, *({"runner": f"{b['runner']} (baseline)", "bench": b} for b in baselines)]
-                if row["bench"].get("decode_tokens_per_second") is not None]
+                if speed(row).get("decode_tokens_per_second") is not None]
     if not measured:
         return None
     figure, axes = new_figure(0.45 * len(measured) + 1.2)
@@ -352,21 +370,24 @@ li { margin: 2px 0; }
 """
 
 DETAIL_HEADER = ["backend", "precision", "device", "verdict", "max abs Δlogit", "mean abs Δlogit", "min cosine",
-                 "max KL", "top-1 %", "top-5 overlap", "NaN/Inf", "greedy match", "perplexity", "load s",
-                 "TTFT ms", "prefill tok/s", "decode tok/s", "% ceiling", "peak RSS", "size"]
+                 "mean KL", "max KL", "top-1 %", "top-5 overlap", "NaN/Inf", "greedy match", "steps",
+                 "perplexity", "perplexity ratio", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "% ceiling",
+                 "peak RSS", "size"]
 
 
 def detail_cells(row: dict[str, Any]) -> list[str]:
-    bench = row["bench"]
-    summary = summary_cells(row)
+    bench = speed(row)
+    summary = dict(zip(SUMMARY_HEADER, summary_cells(row)))
     ttft = bench.get("time_to_first_token_seconds")
     rss = bench.get("peak_rss_bytes")
-    return [*summary[:5], number(row.get("mean_abs_logit_diff"), ".2e"), number(row.get("min_cosine"), ".6f"),
-            number(row.get("max_kl_divergence"), ".2e"), summary[5], number(row.get("top5_overlap"), ".2f"),
-            number(row.get("nonfinite_logits"), "d"), summary[6], number(row.get("perplexity"), ".2f"),
+    return [*(summary[name] for name in SUMMARY_HEADER[:5]), number(row.get("mean_abs_logit_diff"), ".2e"),
+            number(row.get("min_cosine"), ".6f"), summary["mean KL"], number(row.get("max_kl_divergence"), ".2e"),
+            summary["top-1 %"], number(row.get("top5_overlap"), ".2f"), number(row.get("nonfinite_logits"), "d"),
+            summary["greedy match"], number(row.get("teacher_forced_steps"), "d"),
+            number(row.get("perplexity"), ".2f"), summary["perplexity ratio"],
             number(bench.get("load_seconds"), ".2f"), "—" if ttft is None else f"{1000 * ttft:.1f}",
-            number(bench.get("prefill_tokens_per_second"), ".0f"), summary[7], summary[8],
-            size_text(rss), summary[9]]
+            number(bench.get("prefill_tokens_per_second"), ".0f"), summary["decode tok/s"], summary["% ceiling"],
+            size_text(rss), summary["size"]]
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], verdict_column: int | None = 3) -> str:
@@ -427,7 +448,8 @@ def html_report(report: dict[str, Any]) -> str:
         html_plot("Max |Δlogit| per step", logit_difference_plot(rows),
                   f"Teacher forcing: every runner is fed the reference's greedy tokens. Log scale; exact zeros are "
                   f"drawn at {ZERO_DIFFERENCE_FLOOR:g}."),
-        html_plot("Top-1 agreement", top1_plot(rows), "Green: PASS, red: FAIL."),
+        html_plot("Top-1 agreement", top1_plot(rows),
+                  "Over every teacher-forced step (the prompts', then the held-out text's). Green: PASS, red: FAIL."),
         html_plot("Decode speed", decode_speed_plot(rows, bench.get("baselines", [])),
                   "Orange: the memory-bandwidth ceiling, read bandwidth ÷ weight bytes read per token. Grey: "
                   "baselines."),
@@ -435,8 +457,8 @@ def html_report(report: dict[str, Any]) -> str:
         "<h2>Prompts</h2>" + html_list(prompts) if prompts else "",
         f"<h2>Versions</h2><p class='meta'>{html.escape(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}"
         f"</p>",
-        f"<p class='meta'>Steps per prompt: {validation.get('max_new_tokens', '—')} · held-out tokens for "
-        f"perplexity: {validation.get('heldout_tokens', '—')} · bench settings: "
+        f"<p class='meta'>Steps per prompt: {validation.get('max_new_tokens', '—')} · held-out tokens "
+        f"(teacher-forced, perplexity): {validation.get('heldout_tokens', '—')} · bench settings: "
         f"{html.escape(json.dumps(bench.get('settings', {})))}</p>",
     ]
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Validation report "
