@@ -12,10 +12,11 @@ One graph serves prefill (past = 0) and decode (seq = 1), with the Optimum / tra
 - every precision: the projections that read the same input run as one (q/k/v, gate/up: `ConcatenatedLinear`).
 - every precision: attention is `GroupedQueryAttention` (KV heads shared without copies, sliding layers
   bounded to their window), which keeps decode speed nearly flat with the past length (issue 6).
-- int8 / int4: weight-only ORT `MatMulNBits` (block 32, asymmetric) for every linear layer and the LM head;
-  the LM head gets its own transposed initializer so that it is a `MatMul` the quantizer can see. They are
-  made from the traced fp32 graph (`export_many` traces once for every precision). At 4 bits
-  the embedding becomes `GatherBlockQuantized` too (ORT quantizes Gather at 4 bits only).
+- int8 / int4: every weight matrix as a block grid (`exporters.onnx_quantize`): `MatMulNBits` for the linear
+  layers and the LM head, `GatherBlockQuantized` for the embedding, which shares the head's 8-bit table. From a
+  quantized GGUF the grids are the file's own, carried exactly; from float weights, round-to-nearest per block
+  of 32 (layers at the precision's bits, embedding at 8). Made from the traced fp32 graph (`export_many`
+  traces once for every precision).
 - every precision: a sliding layer's past has its own axis, `sliding_past`, and may hold only its newest keys
   (≥ window − 1; positions and validity come from the end of `attention_mask`): `OnnxDecoder` cuts it back,
   so a step at 8k context does not copy 15 whole sliding pasts into their presents. The window is in the
@@ -28,9 +29,8 @@ from __future__ import annotations
 
 import copy
 import gc
-import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,12 @@ from model.errors import UserError
 from model.gemma3 import Attention, FeedForward, Gemma3Model, RMSNorm, apply_rope, attention_mask_for
 from model.interrupts import raise_if_interrupted
 from model.kv_cache import ConcatKVCache, ConcatLayerKVCache
+from exporters.onnx_quantize import ACCURACY_LEVEL, model_grids, quantized_model_graph
 from exporters.signature import ExportedVariant, decoder_io, past_names, tensor_spec
+from model.block_grids import BlockGrid
 
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx", "int4": "model_q4.onnx"}
 QUANTIZED_BITS = {"int8": 8, "int4": 4}
-QUANTIZATION_BLOCK_SIZE = 32
-# MatMulNBits accuracy level 4 quantizes activations to int8 per block on CPU: on the real 270M, 8-bit weights
-# decode 30x faster than at level 0 (which dequantizes every weight each call) and 4-bit 1.6x, same top-1.
-QUANTIZATION_ACCURACY_LEVEL = 4
 OPSET = 18
 LOGITS = "logits"
 # Optional input: logits of the last N positions only (0, the default: all). The name ORT GenAI models use.
@@ -81,11 +79,12 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp32", progress:
     return export_many(model, out_dir, [precision], progress)[0]
 
 
-def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str],
-                progress: Progress = None) -> list[ExportedVariant]:
+def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], progress: Progress = None,
+                source_grids: Mapping[str, BlockGrid] | None = None) -> list[ExportedVariant]:
     """Write each precision's file into `out_dir`; return their variants in the order asked. The trace
     (`torch.onnx.export`) is most of an export, ~3 min on the real 270M: every precision is made from one traced
-    float32 graph (quantized, or its weights stored in fp16)."""
+    float32 graph (quantized, or its weights stored in fp16). `source_grids`: the quantized source's own grids
+    (parameter name → grid), which int8 / int4 carry instead of rounding those weights again."""
     for precision in precisions:
         check_precision(precision)
     if model.embed_tokens.weight.dtype != torch.float32:
@@ -104,22 +103,23 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str],
     traced = with_new_only_full_presents(with_logits_to_keep(traced), model.config)
     variants = {}
     for precision in sorted(precisions, key=lambda precision: precision == "fp16"):  # fp16 changes `traced`: last
-        graph = traced
+        graph, grids = traced, None
         if precision in QUANTIZED_BITS:
             report("quantize")
-            graph = quantize(traced, QUANTIZED_BITS[precision])  # a new graph: `traced` stays as it was
+            grids = model_grids(model, source_grids or {}, QUANTIZED_BITS[precision])
+            graph = quantized_model_graph(traced, model, grids)  # a new graph: `traced` stays as it was
         elif precision == "fp16":
             report("float16")
             graph = with_float16_weights(traced)
         variants[precision] = save_variant(graph, Path(out_dir) / MODEL_FILES[precision], precision, model.config,
-                                           report)
+                                           report, grids)
         del graph
         gc.collect()  # an IR graph is a web of cycles (nodes ↔ graph): freed by the collector, not by `del`
     return [variants[precision] for precision in precisions]
 
 
 def save_variant(graph: ir.Model, model_path: Path, precision: str, config: Gemma3Config,
-                 report: Callable[[str], None]) -> ExportedVariant:
+                 report: Callable[[str], None], grids: Mapping[str, BlockGrid] | None = None) -> ExportedVariant:
     data_name = external_data_name(model_path.name)
     report("save")
     ir.save(graph, model_path, external_data=data_name)
@@ -128,7 +128,7 @@ def save_variant(graph: ir.Model, model_path: Path, precision: str, config: Gemm
     check_edge_shapes(model_path)
     kv_dtype = "float32"
     return ExportedVariant(precision=precision, files=[model_path.name, data_name], io=onnx_io(config, kv_dtype),
-                           options=variant_options(precision, kv_dtype), opset=graph.opset_imports[""],
+                           options=variant_options(precision, kv_dtype, grids), opset=graph.opset_imports[""],
                            logits_dtype="float32")
 
 
@@ -164,13 +164,13 @@ def external_data_name(model_file: str) -> str:
     return f"{model_file}_data"
 
 
-def variant_options(precision: str, kv_dtype: str) -> dict[str, Any]:
+def variant_options(precision: str, kv_dtype: str, grids: Mapping[str, BlockGrid] | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {"external_data": True, "kv_dtype": kv_dtype}
     if precision in QUANTIZED_BITS:
         options["quantization"] = {
-            "method": "MatMulNBits", "bits": QUANTIZED_BITS[precision], "block_size": QUANTIZATION_BLOCK_SIZE,
-            "symmetric": False, "accuracy_level": QUANTIZATION_ACCURACY_LEVEL, "lm_head": "MatMulNBits",
-            "embedding": "GatherBlockQuantized" if precision == "int4" else "float32 Gather"}
+            "method": "MatMulNBits", "bits": QUANTIZED_BITS[precision], "accuracy_level": ACCURACY_LEVEL,
+            "lm_head": "MatMulNBits", "embedding": "GatherBlockQuantized (the LM head's table)",
+            "weight_grids": dict(Counter(grid.source_type for grid in (grids or {}).values()))}
     else:
         options["weights_dtype"] = "float16" if precision == "fp16" else "float32"
     return options
@@ -503,59 +503,6 @@ def name_mask_axis(graph: ir.Model, config: Gemma3Config) -> None:
     full_layer = next(layer for layer in range(config.num_layers) if not config.is_sliding(layer))
     present_axis = next(value for value in graph.graph.outputs if value.name == f"present.{full_layer}.key")
     mask.shape = ir.Shape([mask.shape[0], present_axis.shape[2]])
-
-
-def quantize(graph: ir.Model, bits: int) -> ir.Model:
-    """Weight-only MatMulNBits for every MatMul with an initializer weight (+ the embedding Gather at 4 bits)."""
-    op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
-    quantizer_class = matmul_nbits_quantizer_class()
-    with lm_head_reading_transposed(graph) as dead_transpose:
-        proto = ir.serde.serialize_model(graph)
-    proto.graph.node.remove(next(node for node in proto.graph.node if node.name == dead_transpose))
-    quantizer = quantizer_class(proto, bits=bits, block_size=QUANTIZATION_BLOCK_SIZE,
-                                is_symmetric=False, accuracy_level=QUANTIZATION_ACCURACY_LEVEL,
-                                op_types_to_quantize=op_types)
-    quantizer.process()
-    return ir.serde.deserialize_model(quantizer.model.model)
-
-
-@contextmanager
-def lm_head_reading_transposed(graph: ir.Model) -> Iterator[str]:
-    """While inside: the tied LM head, `MatMul(hidden, Transpose(embedding))`, reads a transposed copy of the
-    embedding as its own initializer (`lm_head.weight_t`) instead, which the quantizer, which replaces only a
-    MatMul whose weight is an initializer, turns into its MatMulNBits weight; the embedding's Gather keeps the
-    original. Yields the name of the Transpose node, unused meanwhile. On exit the graph is as it was: the
-    traced graph serves fp32 too, and the copy (671 MB on the real 270M) lives only as long as serializing."""
-    main = graph.graph
-    transposes = [node for node in main if node.op_type == "Transpose" and node.inputs[0].is_initializer()]
-    if len(transposes) != 1:
-        raise RuntimeError(f"expected one Transpose of an initializer (the tied LM head), found {len(transposes)}")
-    [transpose] = transposes
-    weight = transpose.inputs[0].const_value.numpy()
-    transposed = ir.Value(name="lm_head.weight_t", shape=ir.Shape(weight.shape[::-1]), type=transpose.inputs[0].type,
-                          const_value=ir.tensor(np.ascontiguousarray(weight.T)))
-    main.register_initializer(transposed)
-    uses = list(transpose.outputs[0].uses())
-    for node, index in uses:
-        node.replace_input_with(index, transposed)
-    try:
-        yield transpose.name
-    finally:
-        for node, index in uses:
-            node.replace_input_with(index, transpose.outputs[0])
-        del main.initializers[transposed.name]
-
-
-def matmul_nbits_quantizer_class() -> type:
-    """ORT's quantizer module calls `logging.basicConfig(level=INFO)` on import, which would turn on INFO logs
-    process-wide (thousands of lines per export): import it, then put the root logger back as it was."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    root.setLevel(level)
-    for handler in root.handlers[len(handlers):]:
-        root.removeHandler(handler)
-    return MatMulNBitsQuantizer
 
 
 def check_edge_shapes(model_path: Path) -> None:

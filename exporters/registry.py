@@ -17,6 +17,7 @@ from exporters.artifact import Bundle, BundleWriter
 from exporters.signature import ExportedVariant
 from model.errors import UserError
 from model.loading import LoadedModel
+from model.weights import source_block_grids
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,13 @@ class FormatInfo:
     precisions: tuple[str, ...]
     default_precision: str
     options: tuple[str, ...] = ()  # keyword arguments the exporter takes besides the precision
+    carries_source_grids: bool = False  # its compressed precisions take the source's own grids (`source_grids=`)
 
 
+COMPRESSED_PRECISIONS = ("int8", "int4")
 FORMATS: dict[str, FormatInfo] = {
     "torchscript": FormatInfo("exporters.torchscript", ("fp32", "bf16", "fp16"), "fp32"),
-    "onnx": FormatInfo("exporters.onnx", ("fp32", "fp16", "int8", "int4"), "fp32"),
+    "onnx": FormatInfo("exporters.onnx", ("fp32", "fp16", "int8", "int4"), "fp32", carries_source_grids=True),
     "coreml": FormatInfo("exporters.coreml", ("fp16", "fp32", "int8", "int4"), "fp16", ("max_context",)),
 }
 
@@ -64,13 +67,16 @@ def variant_key(exported: ExportedVariant) -> str:
 
 def export_bundle(loaded: LoadedModel, fmt: str, precisions: list[str], artifacts_root: Path,
                   progress: Callable[[str], None] | None = None, wait: bool = False,
-                  format_options: dict[str, Any] | None = None) -> Bundle:
+                  format_options: dict[str, Any] | None = None, requantize: bool = False) -> Bundle:
     """Export `precisions` of `fmt` into artifacts_root/<slug>/<fmt>/, keeping the bundle's other verified
     variants; publish atomically (the previous bundle survives any failure or interruption). `format_options`
-    are keyword arguments of that format's exporter (Core ML: max_context)."""
+    are keyword arguments of that format's exporter (Core ML: max_context). `requantize`: a source tensor whose
+    GGUF type has no exact grid is rounded onto a new one instead of failing the export."""
     precisions = check_precisions(fmt, precisions)
-    format_options = format_options or {}
+    format_options = dict(format_options or {})
     check_format_options(fmt, format_options)
+    if format_info(fmt).carries_source_grids and set(precisions) & set(COMPRESSED_PRECISIONS):
+        format_options["source_grids"] = source_block_grids(loaded.weights, requantize)
     exporter = importlib.import_module(format_info(fmt).module)
     weights = loaded.weights
     with BundleWriter(artifacts_root, weights.slug, fmt, keep_existing_variants=True, wait=wait) as bundle:

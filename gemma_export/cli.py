@@ -85,6 +85,12 @@ def speed_summary(result: GenerationResult, weight_bytes_per_token: int) -> str:
             f"bandwidth achieved {decode * weight_bytes_per_token / 1e9:.1f} GB/s")
 
 
+requantize_option = click.option(
+    "--requantize", is_flag=True,
+    help="A quantized GGUF tensor whose type has no exact grid here (e.g. IQ2_XS) is rounded onto a new grid "
+         "for the int8/int4 files instead of failing the export; every other tensor keeps its own grid.")
+
+
 @cli.command("export")
 @model_options
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), required=True)
@@ -95,8 +101,9 @@ def speed_summary(result: GenerationResult, weight_bytes_per_token: int) -> str:
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
               help="Core ML only: the fixed KV-cache length of the package (default 2048, up to the model's "
                    "context, e.g. 32768).")
+@requantize_option
 def export_command(model_id: str, revision: str | None, fmt: str, precisions: tuple[str, ...], out_dir: Path,
-                   wait: bool, max_context: int | None) -> None:
+                   wait: bool, max_context: int | None, requantize: bool) -> None:
     """Export the model to a verified artifact bundle: artifacts/<model>/<format>/."""
     chosen = check_precisions(fmt, list(precisions))
     format_options = {} if max_context is None else {"max_context": max_context}
@@ -105,7 +112,7 @@ def export_command(model_id: str, revision: str | None, fmt: str, precisions: tu
     loaded = load(model_id, revision=revision)
     with StepProgress(f"export {fmt}") as progress:
         bundle = export_bundle(loaded, fmt, chosen, out_dir, progress=progress, wait=wait,
-                               format_options=format_options)
+                               format_options=format_options, requantize=requantize)
     click.echo(bundle_summary(bundle, time.perf_counter() - started))
 
 
@@ -132,9 +139,10 @@ def bundle_summary(bundle: Bundle, seconds: float) -> str:
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--bench/--no-bench", "with_bench", default=True, show_default=True,
               help="--no-bench: export, validate and report only (the report then has no speed columns).")
+@requantize_option
 def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
                 precision_filters: tuple[str, ...], threads: int, max_new_tokens: int, perplexity_tokens: int,
-                decode_tokens: int, repeats: int, with_bench: bool) -> None:
+                decode_tokens: int, repeats: int, with_bench: bool, requantize: bool) -> None:
     """Export every format and precision, validate, bench and report (what the host can't run is skipped,
     and the report says why)."""
     plan = export_plan(formats or tuple(FORMATS), precision_filters)
@@ -142,7 +150,7 @@ def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tup
     for fmt, precisions in plan.items():
         started = time.perf_counter()
         with StepProgress(f"export {fmt}") as progress:
-            bundle = export_bundle(loaded, fmt, precisions, out_dir, progress=progress)
+            bundle = export_bundle(loaded, fmt, precisions, out_dir, progress=progress, requantize=requantize)
         click.echo(bundle_summary(bundle, time.perf_counter() - started))
     # Only the precisions exported now are judged (not an older bundle's other variants), beside
     # the in-memory PyTorch runners: the reference and its torch.compile'd twin.

@@ -22,6 +22,7 @@ from typing import Mapping
 import torch
 
 from model.config import PRESETS, Gemma3Config, from_gguf_metadata, load_hf_config
+from model.block_grids import BlockGrid, gguf_grids
 from model.errors import UserError
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -205,6 +206,15 @@ def load_gguf(path: Path, source_id: str | None = None, slug: str | None = None)
         write_gguf_cache(digest, config, state_dict)
     return LoadedWeights(config, state_dict, source_id=source_id or str(path), weight_sha256=digest,
                          gguf_file=path, slug=slug or safe_slug(path.stem), from_cache=cached is not None)
+
+
+def source_block_grids(weights: LoadedWeights, requantize: bool = False) -> dict[str, BlockGrid]:
+    """The quantized source's own grid of each weight matrix (none for float sources): what compressed exports
+    carry instead of rounding the dequantized weights again."""
+    if weights.gguf_file is None:
+        return {}
+    return gguf_grids(weights.gguf_file, source_names(GGUF_NAMES, weights.config.num_layers),
+                      parameter_shapes(weights.config), requantize)
 
 
 def dequantize_gguf(path: Path) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:

@@ -3,7 +3,7 @@
 - tiny: every backend (fp32 of every format) plus the 4-bit variants; the report lists every backend this host
   can run with real numbers, and every one it cannot with the reason.
 - the real default model (CI runs it too): fp32 of every format plus one reduced precision each
-  (TorchScript bf16, ONNX fp16, Core ML fp16), through the same command. The
+  (TorchScript fp16, ONNX fp16 and int4, Core ML fp16), through the same command. The
   per-format real tests (test_*_export.py) drive these same bundles' files with their own generate loops
   (fixture `real_bundles` in conftest.py), so each real export is made once per test session.
 """
@@ -18,15 +18,15 @@ import pytest
 
 from exporters.artifact import load_bundle
 from exporters.registry import FORMATS
-from conftest import E2E_SETTINGS, REAL_ALL_PRECISIONS, TINY_ALL_PRECISIONS
+from conftest import E2E_SETTINGS, REAL_ALL_PRECISIONS, REAL_HELDOUT_TOKENS, TINY_ALL_PRECISIONS
 
 # Runner names per bundle format: (backend, target) for each variant the bundle holds. The Core ML runtime
 # runs on macOS only; elsewhere the report must list it as skipped with that reason.
 LINUX_TARGETS = {"torchscript": [("torchscript", "cpu"), ("torch-export", "cpu")],
                  "onnx": [("onnxruntime", "cpu")],
                  "coreml": [("coreml-mil", "numpy")]}
-METRICS = ("max_abs_logit_diff", "mean_abs_logit_diff", "min_cosine", "max_kl_divergence", "top1_agreement",
-           "top5_overlap", "perplexity")
+METRICS = ("max_abs_logit_diff", "mean_abs_logit_diff", "min_cosine", "max_kl_divergence", "mean_kl_divergence",
+           "top1_agreement", "top5_overlap", "perplexity", "perplexity_ratio")
 BENCH_METRICS = ("load_seconds", "time_to_first_token_seconds", "prefill_tokens_per_second",
                  "decode_tokens_per_second", "percent_of_ceiling", "peak_rss_bytes", "size_bytes")
 
@@ -45,13 +45,14 @@ def expected_runners(precisions: dict[str, list[str]]) -> set[str]:
     return names
 
 
-def check_report(out, slug: str, precisions: dict[str, list[str]], benched: bool = True) -> dict:
+def check_report(out, slug: str, precisions: dict[str, list[str]], benched: bool = True,
+                 heldout_tokens: int = int(E2E_SETTINGS[E2E_SETTINGS.index("--perplexity-tokens") + 1])) -> dict:
     """The three report files exist; validation (and bench, when `all` ran it) hold every runner with finite
     numbers; what the host cannot run is listed with its reason. Returns report.json."""
     folder = out / slug / "report"
     assert {path.name for path in folder.iterdir()} >= {"report.json", "report.md", "report.html"}
     report = json.loads((folder / "report.json").read_text())
-    assert report["validation"]["heldout_tokens"] == int(E2E_SETTINGS[E2E_SETTINGS.index("--perplexity-tokens") + 1])
+    assert report["validation"]["heldout_tokens"] == heldout_tokens
     validation = {row["runner"]: row for row in report["validation"]["runners"]}
     bench = {row["runner"]: row for row in report["bench"]["runners"]} if benched else {}
     assert ("bench" in report) == benched
@@ -67,6 +68,7 @@ def check_report(out, slug: str, precisions: dict[str, list[str]], benched: bool
     for name in expected - {"pytorch fp32 cpu"}:
         row = validation[name]
         assert row["verdict"] == "PASS", (name, row.get("failures"))
+        assert row["teacher_forced_steps"] == 3 * row["greedy_steps"] + heldout_tokens - 1, name
         assert all(math.isfinite(row[metric]) for metric in METRICS), (name, row)
         assert row["nonfinite_logits"] == 0, name
         assert not benched or all(math.isfinite(bench[name][metric]) and bench[name][metric] > 0
@@ -105,10 +107,10 @@ def test_real_all_fp32_and_one_compressed_precision_per_format(real, real_bundle
     assert result.returncode == 0, result.stderr[-3000:]
     precisions = planned_precisions(REAL_ALL_PRECISIONS)
     check_bundles(out, real.weights.slug, precisions, real.weights.weight_sha256)
-    report = check_report(out, real.weights.slug, precisions, benched=False)
+    report = check_report(out, real.weights.slug, precisions, benched=False, heldout_tokens=int(REAL_HELDOUT_TOKENS))
     rows = {row["runner"]: row for row in report["validation"]["runners"]}
     for name, row in rows.items():
         if " fp32 " in f" {name} " and row["verdict"] != "reference":
             assert row["max_abs_logit_diff"] <= 5e-3 and row["greedy_match_steps"] == row["greedy_steps"], name
-    print("real all:", {name: (row["verdict"], round(row["max_abs_logit_diff"], 5), row["top1_agreement"])
-                        for name, row in rows.items() if row["verdict"] != "reference"})
+    print("real all:", {name: (row["verdict"], round(row["max_abs_logit_diff"], 5), row["top1_agreement"],
+                               row["mean_kl_divergence"]) for name, row in rows.items() if row["verdict"] != "reference"})

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from conftest import real_bundle_path
-from exporters.onnx import (MODEL_FILES, FullPastBuffer, OnnxDecoder, export, export_many, quantize,
-                             weight_bytes_per_token)
+from exporters.onnx import MODEL_FILES, FullPastBuffer, OnnxDecoder, export, export_many, weight_bytes_per_token
+from exporters.onnx_quantize import EMBEDDING, quantized_graph
+from model.block_grids import round_to_nearest
 from exporters.signature import decoder_io
 from model.config import preset
 from model.errors import UserError
@@ -101,12 +102,13 @@ def round_to_nearest_blocks(weight: torch.Tensor, bits: int, block_size: int = 3
 
 
 def int4_twin(model):
-    """PyTorch twin of the int4 file: every weight matrix (linear layers, embedding, LM head) rounded to 4 bits."""
+    """PyTorch twin of the int4 file of a float model: every linear layer rounded to 4 bits, the embedding (=
+    LM head) to 8."""
     twin = copy.deepcopy(model)
     with torch.no_grad():
-        for parameter in twin.parameters():
+        for name, parameter in twin.named_parameters():
             if parameter.dim() == 2:
-                parameter.copy_(round_to_nearest_blocks(parameter, 4))
+                parameter.copy_(round_to_nearest_blocks(parameter, 8 if name == EMBEDDING else 4))
     return twin
 
 
@@ -219,9 +221,10 @@ def test_fp16_file_holds_fp16_weights_and_equals_its_pytorch_twin(tiny, tiny_exp
     assert max_difference <= FP16_TWIN_TOLERANCE
 
 
-def test_quantizing_a_tied_head_leaves_the_traced_graph_as_it_was():
-    """The tied head is MatMul(h, Transpose(E)); quantize() gives the head a transposed copy of E for
-    MatMulNBits while E stays for the Gather, and hands the graph back unchanged (fp32 is saved from it too)."""
+def test_quantizing_a_tied_head_shares_one_8_bit_table_and_leaves_the_traced_graph_as_it_was():
+    """The tied head is MatMul(h, Transpose(E)); the quantized graph reads one packed 8-bit table of E from both
+    the head's MatMulNBits and the rows' GatherBlockQuantized, with the grid's exact weights, and the graph it
+    was made from is unchanged (fp32 is saved from it too)."""
     rng = np.random.default_rng(0)
     embedding = rng.normal(size=(128, 64)).astype(np.float32)
     nodes = [onnx.helper.make_node("Gather", ["E", "ids"], ["rows"], name="gather"),
@@ -235,17 +238,21 @@ def test_quantizing_a_tied_head_leaves_the_traced_graph_as_it_was():
         [onnx.numpy_helper.from_array(embedding, "E")])
     traced = ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]))
     before = ir.serde.serialize_model(traced).SerializeToString()
-    quantized = quantize(traced, 4)
+    grid = round_to_nearest(embedding, 8, 32)
+    quantized = quantized_graph(traced, {EMBEDDING: embedding}, [], {EMBEDDING: grid})
     assert ir.serde.serialize_model(traced).SerializeToString() == before
     ops = sorted(node.op_type for node in quantized.graph)
-    assert ops == ["GatherBlockQuantized", "MatMulNBits"]  # the Transpose is gone, E is read by the Gather only
+    assert ops == ["GatherBlockQuantized", "MatMulNBits", "Reshape"]  # no Transpose, no float table
+    uint8_tables = [value for value in quantized.graph.initializers.values() if value.dtype == ir.DataType.UINT8
+                    and value.const_value.numpy().size == embedding.size]
+    assert len(uint8_tables) == 1 and {node.op_type for node, _ in uint8_tables[0].uses()} == {
+        "GatherBlockQuantized", "MatMulNBits"}
     session = onnxruntime.InferenceSession(ir.serde.serialize_model(quantized).SerializeToString())
     ids, hidden = np.array([[3, 77]]), rng.normal(size=(1, 2, 64)).astype(np.float32)
     rows, logits = session.run(None, {"ids": ids, "h": hidden})
-    np.testing.assert_allclose(rows, embedding[ids], atol=0.25)  # 4-bit rows
-    exact = hidden @ embedding.T  # 4-bit weights of Gaussian data: a few % of error per logit
-    assert np.corrcoef(logits.ravel(), exact.ravel())[0, 1] > 0.99
-    assert np.abs(logits - exact).max() < 0.25 * np.abs(exact).max()
+    np.testing.assert_array_equal(rows, grid.weight()[ids])  # the grid's rows exactly
+    exact = hidden @ grid.weight().T  # the head rounds its input to int8 per block of 32 (accuracy level 4)
+    assert np.abs(logits - exact).max() < 0.02 * np.abs(exact).max()
 
 
 def test_quantized_variants_use_matmulnbits_everywhere(tiny, tiny_exports):
@@ -254,14 +261,15 @@ def test_quantized_variants_use_matmulnbits_everywhere(tiny, tiny_exports):
     # Per block: q/k/v as one (`ConcatenatedLinear`), o, gate/up as one, down; then the LM head. No float MatMul
     # with a weight left.
     block_widths = [qkv, config.hidden_size, 2 * config.intermediate_size, config.hidden_size]
-    for precision, gather in (("int8", "Gather"), ("int4", "GatherBlockQuantized")):
+    for precision, layer_bits in (("int8", 8), ("int4", 4)):
         graph = onnx.load(str(decoder_file(tiny_exports, precision)), load_external_data=False).graph
         ops = [node.op_type for node in graph.node]
-        widths = [a.i for node in graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "N"]
-        assert widths == block_widths * config.num_layers + [config.vocab_size], precision
-        assert gather in ops
-        bits = {a.i for node in graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "bits"}
-        assert bits == {8 if precision == "int8" else 4}
+        matmuls = [{a.name: a.i for a in node.attribute} for node in graph.node if node.op_type == "MatMulNBits"]
+        assert [m["N"] for m in matmuls] == block_widths * config.num_layers + [config.vocab_size], precision
+        assert {m["bits"] for m in matmuls[:-1]} == {layer_bits} and matmuls[-1]["bits"] == 8  # the head at 8
+        assert "GatherBlockQuantized" in ops and "Gather" not in ops  # no float copy of the embedding
+        assert not [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+                    and i.dims[0] * i.dims[1] >= config.hidden_size * config.head_dim]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
@@ -286,21 +294,23 @@ def test_num_logits_to_keep_runs_the_lm_head_on_the_last_positions_only(tiny_exp
     np.testing.assert_allclose(decoder.prefill(ids), every[:, -1], rtol=0, atol=1e-4)
 
 
-def test_weight_bytes_per_token_leave_out_the_gathered_embedding(tiny, tiny_exports):
-    """The bench's bandwidth ceiling divides by the bytes a decode step reads: the int8 file keeps a float32
-    embedding table that is only gathered from (one row per token); counting the file would inflate % ceiling."""
+def test_weight_bytes_per_token_leave_out_what_is_only_gathered(tiny, tiny_exports):
+    """The bench's bandwidth ceiling divides by the bytes a decode step reads: the embedding's row scales and
+    zero points are only gathered from (one row per token); its table is read whole by the LM head."""
     config = tiny.model.config
-    float_table = config.vocab_size * config.hidden_size * 4
     layer_weights = sum(p.numel() for name, p in tiny.model.named_parameters() if name.startswith("layers."))
+    layer_matrices = sum(p.numel() for name, p in tiny.model.named_parameters()
+                         if name.startswith("layers.") and p.dim() == 2)
     head = config.vocab_size * config.hidden_size
     fp32 = weight_bytes_per_token(decoder_file(tiny_exports, "fp32"))
     assert fp32 == pytest.approx(4 * (layer_weights + head + config.hidden_size), rel=0.01)  # + final norm
+    norms = 4 * (layer_weights - layer_matrices + config.hidden_size)  # float32, as in the fp32 file
+    # int8: 8-bit blocks of 16 with a float32 scale and a uint8 zero point each; int4: 4-bit blocks of 32 with a
+    # float32 scale and a 4-bit zero point, the embedding (= head) 8-bit blocks of 32
     int8 = weight_bytes_per_token(decoder_file(tiny_exports, "int8"))
-    int8_file = sum((tiny_exports["int8"][0] / name).stat().st_size for name in tiny_exports["int8"][1].files)
-    assert int8 < int8_file - float_table  # the table is in the file, not in what a step reads
-    assert int8 == pytest.approx(0.3 * fp32, rel=0.15)  # 8 bits + a scale and zero point per 32 weights
+    assert int8 == pytest.approx((layer_matrices + head) * (1 + 5 / 16) + norms, rel=0.01)
     int4 = weight_bytes_per_token(decoder_file(tiny_exports, "int4"))
-    assert int4 == pytest.approx(0.55 * int8, rel=0.15)
+    assert int4 == pytest.approx(layer_matrices * (0.5 + 4.5 / 32) + head * (1 + 5 / 32) + norms, rel=0.01)
 
 
 def test_attention_shares_kv_heads_without_copies(tiny_exports):

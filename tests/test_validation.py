@@ -112,7 +112,7 @@ def test_threshold_table_and_overrides():
     assert [THRESHOLDS[p].max_mean_kl_divergence for p in precisions] == [0.001, 0.001, 0.01, 0.02]
     assert thresholds_for("int8", real, min_top1_agreement=0.5).min_top1_agreement == 0.5
     # random-weight toy model: top-1 only catches a broken export; KL keeps the real floors
-    assert [thresholds_for(p, tiny).min_top1_agreement for p in precisions] == [0.5] * 4
+    assert [thresholds_for(p, tiny).min_top1_agreement for p in precisions] == [0.5, 0.5, 0.5, 0.25]
     assert thresholds_for("int4", tiny).max_mean_kl_divergence == 0.02
     assert thresholds_for("int4", real).min_top1_agreement == 0.92
     assert thresholds_for("fp32", tiny, max_abs_logit_diff=0.1).max_abs_logit_diff == 0.1
