@@ -36,7 +36,7 @@ import copy
 import gc
 import math
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exporters.coreml_grids import with_source_grids
 from exporters.signature import ExportedVariant, tensor_spec
+from model.block_grids import BlockGrid
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.gemma3 import Gemma3Model, RMSNorm, apply_rope
 from model.interrupts import raise_if_interrupted
+from model.weights import EMBEDDING
 
 PRECISIONS = ("fp16", "fp32", "int8", "int4")
 PACKAGE_NAMES = {"fp16": "model.mlpackage", "fp32": "model_fp32.mlpackage", "int8": "model_int8.mlpackage",
@@ -246,22 +249,26 @@ class StatefulDecoder(nn.Module):
 
 
 DEFAULT_MAX_CONTEXT = 2048
+DEFAULT_LM_HEAD_CHUNKS = 16  # 16 × 16,384 rows: the ANE limits a dimension to 16,384
 
 
 def export(model: Gemma3Model, out_dir: Path, precision: str = "fp16", max_context: int | None = None,
-           query_lengths: Sequence[int] = (1, 64, 512), lm_head_chunks: int = 16, progress: Progress = None,
-           deployment_target: str = "iOS18") -> ExportedVariant:
+           query_lengths: Sequence[int] = (1, 64, 512), lm_head_chunks: int = DEFAULT_LM_HEAD_CHUNKS,
+           progress: Progress = None, deployment_target: str = "iOS18") -> ExportedVariant:
     """Convert `model` into out_dir/<PACKAGE_NAMES[precision]> and describe it."""
     return export_many(model, out_dir, [precision], max_context, query_lengths, lm_head_chunks, progress,
                        deployment_target)[0]
 
 
 def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], max_context: int | None = None,
-                query_lengths: Sequence[int] = (1, 64, 512), lm_head_chunks: int = 16, progress: Progress = None,
-                deployment_target: str = "iOS18") -> list[ExportedVariant]:
+                query_lengths: Sequence[int] = (1, 64, 512), lm_head_chunks: int = DEFAULT_LM_HEAD_CHUNKS,
+                progress: Progress = None, deployment_target: str = "iOS18",
+                source_grids: Mapping[str, BlockGrid] | None = None) -> list[ExportedVariant]:
     """Each precision's package in `out_dir`, in the order asked. Trace + convert is most of an export (~2 min on
     the real 270M): fp16, int8 and int4 share one conversion (fp16 compute; the 8- and 4-bit packages compress
-    its weights, which leaves it as it was), fp32 has its own (fp32 compute, the rounding-error cache)."""
+    its weights, which leaves it as it was), fp32 has its own (fp32 compute, the rounding-error cache).
+    `source_grids`: a quantized source's own grids, which int8 and int4 both carry (`coreml_grids`); only the
+    weights without one are rounded."""
     config = model.config
     if max_context is None:  # 2048, or the whole context of a model that has less (tiny: 1024)
         max_context = min(DEFAULT_MAX_CONTEXT, config.context_length)
@@ -283,7 +290,7 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], ma
             mlmodel = converted
             if precision in ("int8", "int4"):
                 report(progress, "compress")
-                mlmodel = compress(converted, precision)
+                mlmodel = compressed(converted, model, precision, source_grids or {}, lm_head_chunks)
             report(progress, "save")
             describe(mlmodel, config, precision, max_context, query_lengths, lm_head_chunks)
             path = Path(out_dir) / PACKAGE_NAMES[precision]
@@ -364,6 +371,16 @@ def state_types(names: list[str], shape: tuple[int, ...]) -> list[Any]:
     import coremltools as ct
 
     return [ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=name) for name in names]
+
+
+def compressed(converted: Any, model: Gemma3Model, precision: str, source_grids: Mapping[str, BlockGrid],
+               lm_head_chunks: int) -> Any:
+    """The source's grids where it has them; the rest rounded by `compress` (everything, for a float source)."""
+    mlmodel = converted
+    if source_grids:
+        mlmodel = with_source_grids(converted, source_grids, EMBEDDING, lm_head_chunks)
+    matrices = [name for name, parameter in model.state_dict().items() if parameter.dim() == 2]
+    return mlmodel if set(matrices) <= set(source_grids) else compress(mlmodel, precision)
 
 
 def compress(mlmodel: Any, precision: str) -> Any:

@@ -650,6 +650,11 @@ class OnnxDecoder:
         self.reset()
         return self.extend(input_ids, attention_mask, logits_to_keep=1)[:, -1]
 
+    def prefill_every_position(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+        """`prefill`, answering every position's logits [batch, seq, vocab]: a text teacher-forced in one call."""
+        self.reset()
+        return self.extend(input_ids, attention_mask)
+
     def decode(self, token: Any) -> np.ndarray:
         """One token per row → logits of the next one [batch, vocab]."""
         return self.extend(np.asarray(token, dtype=np.int64).reshape(-1, 1))[:, -1]

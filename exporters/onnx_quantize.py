@@ -20,9 +20,9 @@ import onnx_ir as ir
 
 from model.block_grids import BlockGrid, round_to_nearest, stacked
 from model.gemma3 import Gemma3Model
+from model.weights import EMBEDDING
 
 MS_DOMAIN = "com.microsoft"
-EMBEDDING = "embed_tokens.weight"
 EMBEDDING_BITS = 8
 # MatMulNBits accuracy level 4 quantizes activations to int8 per block on CPU: decode is many times faster than
 # at level 0, which dequantizes every weight each call (BENCHMARKS.md).

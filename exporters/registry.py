@@ -33,7 +33,8 @@ COMPRESSED_PRECISIONS = ("int8", "int4")
 FORMATS: dict[str, FormatInfo] = {
     "torchscript": FormatInfo("exporters.torchscript", ("fp32", "bf16", "fp16"), "fp32"),
     "onnx": FormatInfo("exporters.onnx", ("fp32", "fp16", "int8", "int4"), "fp32", carries_source_grids=True),
-    "coreml": FormatInfo("exporters.coreml", ("fp16", "fp32", "int8", "int4"), "fp16", ("max_context",)),
+    "coreml": FormatInfo("exporters.coreml", ("fp16", "fp32", "int8", "int4"), "fp16", ("max_context",),
+                         carries_source_grids=True),
 }
 
 

@@ -202,6 +202,11 @@ class ExplicitCacheRunner:
     def prefill(self, input_ids: torch.Tensor | list[int], attention_mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """Start a new sequence: ids [batch, seq] (or one list), left-padded where attention_mask is 0."""
+        return self.prefill_every_position(input_ids, attention_mask)[:, -1]
+
+    def prefill_every_position(self, input_ids: torch.Tensor | list[int], attention_mask: torch.Tensor | None = None
+                               ) -> torch.Tensor:
+        """`prefill`, answering every position's logits [batch, seq, vocab]: a text teacher-forced in one call."""
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
         input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
@@ -214,7 +219,7 @@ class ExplicitCacheRunner:
     def decode(self, token: torch.Tensor | int) -> torch.Tensor:
         """Feed one token per row ([batch]) → logits for the next one."""
         input_ids = torch.as_tensor(token, dtype=torch.long).reshape(-1, 1)
-        return self._step(input_ids, torch.ones_like(input_ids), self.next_positions[:, None])
+        return self._step(input_ids, torch.ones_like(input_ids), self.next_positions[:, None])[:, -1]
 
     def greedy(self, input_ids: torch.Tensor | list[int], max_new_tokens: int,
                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -232,7 +237,7 @@ class ExplicitCacheRunner:
             outputs = self.forward(input_ids, self.attention_mask, position_ids, *self.past)
         self.past = list(outputs[1:])
         self.next_positions = position_ids[:, -1] + 1
-        return outputs[0][:, -1].float()
+        return outputs[0].float()
 
 
 class TorchScriptDecoder(ExplicitCacheRunner):

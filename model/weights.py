@@ -26,6 +26,7 @@ from model.block_grids import BlockGrid, gguf_grids
 from model.errors import UserError
 
 DEFAULT_MODEL = "gemma-3-270m"
+EMBEDDING = "embed_tokens.weight"  # the tied embedding, which is also the LM head
 DEFAULT_SEED = 0
 UNKNOWN_SOURCE_FIX = ("use gemma-3-270m, random:tiny|270m|1b, a hub id like google/gemma-3-270m, "
                       "a .gguf file or a model folder")

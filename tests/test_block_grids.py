@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from conftest import real_bundle_path
+from exporters.coreml import export_many as coreml_export_many
+from exporters.coreml_grids import grids_by_weight
 from exporters.onnx import OnnxDecoder, export_many
 from model.block_grids import GGUF_BLOCK_TYPES, BlockGrid, grid_from_gguf_blocks, round_to_nearest, stacked
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.loading import build_model
-from model.weights import GGUF_NAMES, load_weights, parameter_shapes, source_block_grids, source_names
+from model.weights import EMBEDDING, GGUF_NAMES, load_weights, parameter_shapes, source_block_grids, source_names
+from validation.mil import MILExecutor, load_program
 
 gguf = pytest.importorskip("gguf")
 
@@ -206,3 +209,43 @@ def test_real_int4_onnx_file_holds_the_gguf_weights_exactly(real, real_bundles):
     real `gemma-export all` bundle: every weight matrix bit for bit the dequantized GGUF."""
     file = real_bundle_path(real_bundles, "onnx") / "model_q4.onnx"
     assert_bit_identical(file, real.weights.state_dict, 4 * real.model.config.num_layers + 1)
+
+
+def coreml_grid_weights(path: Path) -> list[np.ndarray]:
+    """The weights each `constexpr_blockwise_shift_scale` of a saved package decompresses to (fp16), as the MIL
+    runner evaluates them at load."""
+    program = load_program(path)[1]
+    function = program.functions["main"]
+    constants = MILExecutor(function).constants
+    return [constants[op.outputs[0].name].astype(np.float32) for op in function.operations
+            if op.op_type == "constexpr_blockwise_shift_scale"]
+
+
+def assert_package_holds_grids(path: Path, grids: dict[str, BlockGrid], chunks: int) -> None:
+    """Every weight constant of the package is its source grid: scale · (data − offset) within the fp16
+    rounding of scale, offset and product (Q4_K's minimum is a float offset); none left fp16 or re-rounded."""
+    parts = list(grids_by_weight(grids, EMBEDDING, chunks).values())
+    rebuilt = coreml_grid_weights(path)
+    assert len(rebuilt) == len(parts) == len(grids) - 1 + chunks
+    for weight in rebuilt:
+        candidates = [part for part in parts if part.shape == weight.shape]
+        part = min(candidates, key=lambda part: float(np.abs(part.weight() - weight).max()))
+        # fp16 rounds the scale, the offset and the product, each by at most 2^-11 of what it holds
+        scales = np.abs(part.per_element(part.scales))
+        terms = scales * (part.values + part.per_element(part.zero_points).astype(np.float32))
+        if part.offsets is not None:
+            terms = terms + np.abs(part.per_element(part.offsets))
+        assert np.all(np.abs(weight - part.weight()) <= 2.0 ** -9 * terms + 2.0 ** -24), part.source_type
+        parts = [other for other in parts if other is not part]
+    assert parts == []
+
+
+def test_coreml_int4_package_holds_every_gguf_weight_up_to_fp16_rounding(mixed_gguf, tmp_path):
+    pytest.importorskip("coremltools")
+    weights = load_weights(str(mixed_gguf))
+    model = build_model(weights, torch.device("cpu"), torch.float32)
+    grids = source_block_grids(weights)
+    chunks = 4
+    [variant] = coreml_export_many(model, tmp_path, ["int4"], max_context=64, query_lengths=(1, 4),
+                                   lm_head_chunks=chunks, source_grids=grids)
+    assert_package_holds_grids(tmp_path / variant.files[0], grids, chunks)

@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from conftest import real_bundle_path
+from test_block_grids import assert_package_holds_grids
 from exporters import coreml
 from model.errors import UserError
 from model.generate import generate
+from model.weights import source_block_grids
 from validation.compare import greedy_and_forced, matching_prefix
 from validation.mil import MILRunner
 
@@ -249,10 +251,10 @@ def real_export(real, real_bundles, tmp_path_factory):
             shipped = bundle / coreml.PACKAGE_NAMES[precision]
             if shipped.exists():
                 exported[precision] = (shipped, {"size_mb": package_megabytes(shipped)})
-            else:  # int8 and int4 from one conversion, as `gemma-export export` makes them
+            else:  # int8 and int4 from one conversion with the GGUF's own grids, as `gemma-export export` does
                 compressed = [p for p in ("int8", "int4") if not (bundle / coreml.PACKAGE_NAMES[p]).exists()]
                 exported.update(export_timed(real.model, out_dir, compressed if precision in compressed
-                                             else [precision]))
+                                             else [precision], source_grids=source_block_grids(real.weights)))
         return exported[precision]
     return get
 
@@ -284,6 +286,12 @@ def test_real_fp32_equals_pytorch(real_export, real_long_prompt_ids, real_refere
     report("real fp32", result)
     assert result["matching_prefix"] == REAL_STEPS
     assert result["max_dlogit"] <= 5e-3
+
+
+@pytest.mark.real
+def test_real_int4_package_holds_the_gguf_grids(real, real_export):
+    path, _ = real_export("int4")
+    assert_package_holds_grids(path, source_block_grids(real.weights), coreml.DEFAULT_LM_HEAD_CHUNKS)
 
 
 @pytest.mark.real

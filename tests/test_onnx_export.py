@@ -19,13 +19,14 @@ import torch
 
 from conftest import real_bundle_path
 from exporters.onnx import MODEL_FILES, FullPastBuffer, OnnxDecoder, export, export_many, weight_bytes_per_token
-from exporters.onnx_quantize import EMBEDDING, quantized_graph
-from model.block_grids import round_to_nearest
+from exporters.onnx_quantize import quantized_graph
 from exporters.signature import decoder_io
+from model.block_grids import round_to_nearest
 from model.config import preset
 from model.errors import UserError
 from model.gemma3 import Gemma3Model
 from model.generate import Generator, generate
+from model.weights import EMBEDDING
 
 LOGIT_TOLERANCE = 1e-3
 NEW_TOKENS = 64

@@ -291,6 +291,20 @@ def test_runners_agree_with_the_reference(tiny, artifacts, backend, target):
     assert runner.size_bytes > 0 and runner.weight_bytes_per_token > 0
 
 
+def test_teacher_forcing_in_one_prefill_equals_step_by_step(tiny, artifacts):
+    """The held-out text goes through one prefill where the runtime answers every position's logits: the same
+    numbers as a prefill and a decode step per token, up to summation order."""
+    bundles, _ = load_bundles(artifacts, tiny.weights.slug, ["torchscript", "onnx"], tiny.weights.weight_sha256)
+    ids = tiny.tokenizer.encode("The history of computing is a story of people and machines")[:40]
+    for backend in ("pytorch", "torchscript", "torch-export", "onnxruntime"):
+        runner = make_runner(RunnerSpec(backend, "fp32", "cpu"), bundles, tiny.model, max_length=64, threads=1)
+        assert hasattr(runner.decoder, "prefill_every_position"), backend
+        at_once = runner.teacher_forced(ids)
+        stepped = [runner.prefill(ids[:1]), *(runner.decode(token) for token in ids[1:-1])]
+        assert len(at_once) == len(stepped) == len(ids) - 1
+        assert max(float(np.abs(a - b).max()) for a, b in zip(at_once, stepped)) <= 1e-4, backend
+
+
 def test_unavailable_targets_are_skipped_with_a_reason():
     host = Host(system="Linux", cuda=False, mps=False, onnx_providers=("CPUExecutionProvider",),
                 cpp_compiler=True, mil_runner=False)

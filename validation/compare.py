@@ -4,8 +4,9 @@ The reference (PyTorch eager, fp32) generates greedily and so decides the tokens
 those same tokens (teacher forcing), so step k of every runner sees the same context and its logits can be
 compared with the reference's step k: max and mean |Δlogit|, cosine, KL(ref ‖ run), top-1 agreement, top-5
 overlap, NaN/Inf. Each runner also generates greedily on its own, and the report says for how many steps
-its tokens stay identical to the reference's. The held-out text is teacher-forced the same way, token by
-token: its steps join the prompts' in the gate (≥ 512 steps by default), and give each runner's perplexity.
+its tokens stay identical to the reference's. The held-out text is teacher-forced too (in one prefill where the
+runtime answers every position's logits, else token by token): its steps join the prompts' in the gate (≥ 512
+steps by default), and give each runner's perplexity.
 
 Pass/fail floors live in one table per precision (`THRESHOLDS`); a verdict names the criterion that failed.
 Mean KL divergence to the reference is the main number, as quantization is judged: top-1 agreement moves by
@@ -168,7 +169,7 @@ def reference_runs(reference: Runner, prompts: Sequence[Prompt], steps: int) -> 
 
 def heldout_logits(runner: Runner, ids: Sequence[int]) -> list[np.ndarray]:
     """Teacher-forced through the held-out text: step k's logits predict ids[k + 1]."""
-    return teacher_forced_logits(runner, ids[:1], ids[1:])
+    return runner.teacher_forced(ids)
 
 
 # ------------------------------------------------------------------------------------------------ metrics

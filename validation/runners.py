@@ -294,6 +294,21 @@ class Runner:
         # A 0-d array: every decoder reads it as one token (int(), reshape(-1, 1) and torch alike).
         return self._vector(self.decoder.decode(np.asarray(token, dtype=np.int64)))
 
+    def teacher_forced(self, ids: Sequence[int]) -> list[np.ndarray]:
+        """Logits predicting ids[1:], each from the tokens before it: one prefill where the decoder answers
+        every position's logits (`prefill_every_position`), else a prefill and a decode step per token."""
+        every_position = getattr(self.decoder, "prefill_every_position", None)
+        if every_position is None:
+            return [self.prefill(ids[:1]), *(self.decode(token) for token in ids[1:-1])]
+        context = ids[:-1]
+        if not 0 < len(context) <= self.context_tokens:
+            raise UserError(f"{self.name} takes texts of 1..{self.context_tokens} tokens, got {len(context)}",
+                            "shorten the text")
+        logits = every_position(np.asarray([context], dtype=np.int64))
+        if isinstance(logits, torch.Tensor):
+            logits = logits.detach().float().cpu().numpy()
+        return list(np.asarray(logits, dtype=np.float32).reshape(-1, self.vocab_size))
+
     def reset(self) -> None:
         self.decoder.reset()
 
@@ -316,6 +331,13 @@ class GeneratorDecoder:
     def prefill(self, ids: np.ndarray) -> torch.Tensor:
         self.generator.reset()
         return self.generator.prefill(torch.from_numpy(ids))
+
+    def prefill_every_position(self, ids: np.ndarray) -> torch.Tensor:
+        """The model's full forward over ids (no cache): every position's logits."""
+        self.generator.reset()
+        model = self.generator.model
+        with torch.no_grad():
+            return model(torch.from_numpy(ids).to(next(model.parameters()).device))
 
     def decode(self, token: np.ndarray) -> torch.Tensor:
         return self.generator.decode(torch.from_numpy(token))
