@@ -68,6 +68,25 @@ TINY_ALL_PRECISIONS = ("fp32", "onnx:int4", "coreml:int4")
 E2E_SETTINGS = ("--max-new-tokens", "8", "--perplexity-tokens", "64", "--decode-tokens", "8", "--repeats", "1")
 
 
+def gguf_writer(path: Path, config, architecture: str = "gemma3"):
+    """A `gguf.GGUFWriter` with the metadata llama.cpp writes for a Gemma 3 of `config` and a placeholder
+    vocabulary; the caller adds tensors and writes the file."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, architecture)
+    for key, value in {"context_length": config.context_length, "embedding_length": config.hidden_size,
+                       "block_count": config.num_layers, "feed_forward_length": config.intermediate_size,
+                       "attention.head_count": config.num_heads, "attention.head_count_kv": config.num_kv_heads,
+                       "attention.key_length": config.head_dim, "attention.value_length": config.head_dim,
+                       "attention.sliding_window": config.sliding_window,
+                       "attention.sliding_window_pattern": config.sliding_window_pattern}.items():
+        writer.add_uint32(f"{architecture}.{key}", value)
+    writer.add_float32(f"{architecture}.rope.freq_base", config.rope_global_base)
+    writer.add_float32(f"{architecture}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
+    writer.add_token_list([f"<t{i}>" for i in range(config.vocab_size)])
+    return writer
+
+
 def gemma_export(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
                  **options) -> subprocess.CompletedProcess:
     """`python -m gemma_export ARGS` as a user runs it: a subprocess started in the repository, output captured,

@@ -13,7 +13,7 @@ import onnx.numpy_helper
 import pytest
 import torch
 
-from conftest import real_bundle_path
+from conftest import gguf_writer, real_bundle_path
 from exporters.coreml import export_many as coreml_export_many
 from exporters.coreml_grids import grids_by_weight
 from exporters.onnx import OnnxDecoder, export_many
@@ -93,17 +93,7 @@ def write_mixed_gguf(path: Path, config: Gemma3Config, unsupported: str | None =
     """A gemma3 GGUF of `config` with LAYER_TYPES' block types (random blocks); `unsupported` names a tensor
     written as IQ2_XS instead."""
     rng = np.random.default_rng(3)
-    writer = gguf.GGUFWriter(path, "gemma3")
-    for key, value in {"context_length": config.context_length, "embedding_length": config.hidden_size,
-                       "block_count": config.num_layers, "feed_forward_length": config.intermediate_size,
-                       "attention.head_count": config.num_heads, "attention.head_count_kv": config.num_kv_heads,
-                       "attention.key_length": config.head_dim, "attention.value_length": config.head_dim,
-                       "attention.sliding_window": config.sliding_window,
-                       "attention.sliding_window_pattern": config.sliding_window_pattern}.items():
-        writer.add_uint32(f"gemma3.{key}", value)
-    writer.add_float32("gemma3.rope.freq_base", config.rope_global_base)
-    writer.add_float32("gemma3.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
-    writer.add_token_list([f"<t{i}>" for i in range(config.vocab_size)])
+    writer = gguf_writer(path, config)
     shapes = parameter_shapes(config)
     for ours, gguf_name in source_names(GGUF_NAMES, config.num_layers).items():
         shape = shapes[ours]

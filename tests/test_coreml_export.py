@@ -31,9 +31,10 @@ STEPS = 64
 REAL_STEPS = 32
 TINY_OPTIONS = {"max_context": 128, "query_lengths": (1, 4, 16)}
 TINY_PROMPT_LENGTH = 23  # 16 + 4 + 3 × 1: every enumerated length runs; crosses the window of 8
-# int8 / int4 are lossy: agreement floors, measured with margin (each test prints its numbers). The tiny model
-# is random, its logits nearly tied, so its floors are low.
-REAL_AGREEMENT_FLOOR = {"fp16": 0.99, "int8": 0.90, "int4": 0.70}
+# Agreement floors (each test prints its numbers). The real int8 / int4 packages hold the GGUF's own grids, so
+# they keep the fp16 package's floor; the tiny model's int8 / int4 are rounded from random float weights, and
+# its logits are nearly tied, so its floors are low.
+REAL_AGREEMENT_FLOOR = {"fp16": 0.99, "int8": 0.99, "int4": 0.99}
 TINY_AGREEMENT_FLOOR = {"fp16": 0.95, "int8": 0.85, "int4": 0.25}  # random weights: near-tied logits
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import gguf_writer
 from model.config import PRESETS
 from model.errors import UserError
 from model.weights import (GGUF_NAMES, HF_NAMES, gguf_cache_file, load_weights, parameter_shapes, safe_slug,
@@ -310,17 +311,7 @@ def write_tiny_gguf(path: Path, loaded, architecture: str = "gemma3") -> Path:
     """A gemma3 GGUF the way llama.cpp writes one: norms stored +1, big matrices Q8_0, the rest F32."""
     gguf = pytest.importorskip("gguf")
     config = loaded.config
-    writer = gguf.GGUFWriter(path, architecture)
-    for key, value in {"context_length": config.context_length, "embedding_length": config.hidden_size,
-                       "block_count": config.num_layers, "feed_forward_length": config.intermediate_size,
-                       "attention.head_count": config.num_heads, "attention.head_count_kv": config.num_kv_heads,
-                       "attention.key_length": config.head_dim, "attention.value_length": config.head_dim,
-                       "attention.sliding_window": config.sliding_window,
-                       "attention.sliding_window_pattern": config.sliding_window_pattern}.items():
-        writer.add_uint32(f"{architecture}.{key}", value)
-    writer.add_float32(f"{architecture}.rope.freq_base", config.rope_global_base)
-    writer.add_float32(f"{architecture}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
-    writer.add_token_list([f"<t{i}>" for i in range(config.vocab_size)])
+    writer = gguf_writer(path, config, architecture)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_pad_token_id(config.pad_token_id)
     for ours, gguf_name in source_names(GGUF_NAMES, config.num_layers).items():
