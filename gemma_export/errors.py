@@ -22,7 +22,7 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a proces
 
 def run_cli(group: click.Group, args: list[str] | None = None, until_exit: bool = False) -> int:
     """Run one command of `group` and return its exit code. `until_exit`: the caller is the process's entry
-    point, which exits with this code, so SIGINT/SIGTERM stay handled until then (see `signals_recorded`)."""
+    point and exits with this code, so SIGINT/SIGTERM are then ignored, not put back (see `signals_recorded`)."""
     debug = "--debug" in (sys.argv[1:] if args is None else args)
     if not debug:  # tracer/exporter/coremltools warnings are for developers; --debug shows them
         warnings.filterwarnings("ignore")
@@ -38,10 +38,7 @@ def run_cli(group: click.Group, args: list[str] | None = None, until_exit: bool 
 
 def _exit_code(group: click.Group, args: list[str] | None, debug: bool) -> int:
     try:
-        # Without standalone mode click *returns* the code of ctx.exit(n) instead of raising it.
-        code = group.main(args=args, prog_name="gemma-export", standalone_mode=False) or 0
-        raise_if_interrupted()  # a Ctrl-C that a library swallowed must not end as a success
-        return code
+        return _command_code(group, args)
     except click.exceptions.Exit as done:
         return done.exit_code
     except click.Abort:  # click's name for a KeyboardInterrupt that reached it
@@ -56,6 +53,16 @@ def _exit_code(group: click.Group, args: list[str] | None, debug: bool) -> int:
     except Exception as error:  # noqa: BLE001 — the last line of defence: one line, not a traceback
         return _fail(f"unexpected {type(error).__name__}: {error}", "rerun with --debug for the traceback",
                      EXIT_UNEXPECTED, debug)
+
+
+def _command_code(group: click.Group, args: list[str] | None) -> int:
+    try:
+        # Without standalone mode click *returns* the code of ctx.exit(n) instead of raising it.
+        return group.main(args=args, prog_name="gemma-export", standalone_mode=False) or 0
+    finally:
+        # A recorded signal is why the command stopped, however it ended: a library may have swallowed the
+        # exception (a success) or raised an error of its own while unwinding from it (exit 1, "unexpected").
+        raise_if_interrupted()
 
 
 def _fail_for_signal(received: BaseException, debug: bool) -> int:
