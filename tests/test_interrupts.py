@@ -5,6 +5,9 @@
 (`<out>/<slug>/.<format>.tmp-<pid>-<hex>`, see BundleWriter) exists, i.e. it holds the lock and is writing.
 Each case then checks what a user relies on: the exit code, one `error:` line, the previous bundle verifying
 with the very same manifest, nothing left behind, and the next run working without clean-up.
+
+The randomized test does sleep, on purpose: it races the signal against every moment of an export (timed from
+the CLI's handlers going in, which /proc shows), because how the process ends must not depend on the moment.
 """
 
 from __future__ import annotations
