@@ -12,7 +12,7 @@ OUT ?= artifacts
 PRECISION ?=
 precision_flags = $(foreach p,$(PRECISION),--precision $(p))
 
-.PHONY: setup baseline test test-fast fuzz generate all clean bench-generate export-torchscript export-onnx export-coreml validate bench report
+.PHONY: setup baseline test test-fast fuzz stress generate all clean bench-generate export-torchscript export-onnx export-coreml validate bench report
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,14 @@ test-fast: setup
 # The property-based tests of every untrusted-input reader with the long budget (`make test` runs a short one).
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
+
+# The randomized-signal interrupt tests with many more signals per format than `make test` sends (6): SIGINT
+# and SIGTERM at moments spread over a whole export of each format, and two SIGINTs 10 ms apart (~25 min at 40
+# on 2 cores).
+STRESS_SIGNALS ?= 40
+stress: setup
+	INTERRUPT_STRESS_DELAYS=$(STRESS_SIGNALS) $(PY) -m pytest -q -rP tests/test_interrupts.py \
+		-k "any_moment or two_sigints" $(PYTEST_ARGS)
 
 generate: setup
 	$(CLI) generate --model "$(MODEL)" --prompt "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS)

@@ -20,25 +20,31 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by SIGTERM
 
 
-def run_cli(group: click.Group, args: list[str] | None = None) -> int:
+def run_cli(group: click.Group, args: list[str] | None = None, until_exit: bool = False) -> int:
+    """Run one command of `group` and return its exit code. `until_exit`: the caller is the process's entry
+    point and exits with this code, so SIGINT/SIGTERM are then ignored, not put back (see `signals_recorded`)."""
     debug = "--debug" in (sys.argv[1:] if args is None else args)
     if not debug:  # tracer/exporter/coremltools warnings are for developers; --debug shows them
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
     try:
-        with signals_recorded():
-            # Without standalone mode click *returns* the code of ctx.exit(n) instead of raising it.
-            code = group.main(args=args, prog_name="gemma-export", standalone_mode=False) or 0
-            raise_if_interrupted()  # a Ctrl-C that a library swallowed must not end as a success
-            return code
+        with signals_recorded(until_exit):
+            return _exit_code(group, args, debug)
+    except (KeyboardInterrupt, Terminated) as late:
+        # The handlers raise a command's first signal only: this one came while the command was already ending
+        # (printing another error's line, or putting the handlers back). It ends as an interruption all the same.
+        return _fail_for_signal(late, debug)
+
+
+def _exit_code(group: click.Group, args: list[str] | None, debug: bool) -> int:
+    try:
+        return _command_code(group, args)
     except click.exceptions.Exit as done:
         return done.exit_code
-    except click.Abort:
+    except click.Abort:  # click's name for a KeyboardInterrupt that reached it
         return _fail("interrupted", "", EXIT_INTERRUPTED, debug)
-    except KeyboardInterrupt:
-        return _fail("interrupted", "", EXIT_INTERRUPTED, debug)
-    except Terminated:
-        return _fail("terminated (SIGTERM)", "", EXIT_TERMINATED, debug)
+    except (KeyboardInterrupt, Terminated) as received:
+        return _fail_for_signal(received, debug)
     except click.UsageError as error:
         command = error.ctx.command_path if error.ctx else "gemma-export"
         return _fail(error.format_message(), f"see `{command} --help`", EXIT_USER_ERROR, debug)
@@ -47,6 +53,22 @@ def run_cli(group: click.Group, args: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 — the last line of defence: one line, not a traceback
         return _fail(f"unexpected {type(error).__name__}: {error}", "rerun with --debug for the traceback",
                      EXIT_UNEXPECTED, debug)
+
+
+def _command_code(group: click.Group, args: list[str] | None) -> int:
+    try:
+        # Without standalone mode click *returns* the code of ctx.exit(n) instead of raising it.
+        return group.main(args=args, prog_name="gemma-export", standalone_mode=False) or 0
+    finally:
+        # A recorded signal is why the command stopped, however it ended: a library may have swallowed the
+        # exception (a success) or raised an error of its own while unwinding from it (exit 1, "unexpected").
+        raise_if_interrupted()
+
+
+def _fail_for_signal(received: BaseException, debug: bool) -> int:
+    if isinstance(received, Terminated):
+        return _fail("terminated (SIGTERM)", "", EXIT_TERMINATED, debug)
+    return _fail("interrupted", "", EXIT_INTERRUPTED, debug)
 
 
 def _fail(cause: str, fix: str, code: int, debug: bool) -> int:
@@ -59,5 +81,18 @@ def _fail(cause: str, fix: str, code: int, debug: bool) -> int:
 
 def entry_point(group: click.Group) -> Callable[[], None]:
     def main() -> None:
-        sys.exit(run_cli(group))
+        code = run_cli(group, until_exit=True)
+        _forget_keyboard_interrupts_that_left_an_exec()
+        sys.exit(code)
     return main
+
+
+def _forget_keyboard_interrupts_that_left_an_exec() -> None:
+    """CPython marks a KeyboardInterrupt that leaves an `exec()`/`eval()` of a string as unhandled, even when a
+    caller catches it later, and a `python -m` run whose mark is set ends by killing itself with SIGINT instead
+    of exiting with its code (CPython's "exit properly after an uncaught ^C", bpo-1054041). The ONNX exporter
+    alone runs thousands of such execs (dataclasses, namedtuples, generated code), so a Ctrl-C landing in one
+    turned exit 130 into a death by SIGINT. Each string exec clears the mark when it starts and sets it only
+    if it ends by a KeyboardInterrupt; this one ends normally, and with the signals ignored from here on
+    (`until_exit`) no later one can set the mark again."""
+    exec("pass")

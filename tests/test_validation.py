@@ -356,19 +356,24 @@ def test_validate_writes_the_three_report_files(tiny, artifacts):
     assert html.count("data:image/png;base64,") == 2 and "<style>" in html and "http" not in html.split("<body>")[1]
 
 
-def test_bench_measures_each_runner_in_its_own_process(tiny, artifacts):
+def test_bench_measures_each_runner_in_its_own_process(tiny, artifacts, tmp_path):
+    # Its own copy with its own validation piece: the report then combines both, whatever ran before.
+    root = copy_artifacts(artifacts, tmp_path / "artifacts")
+    onnx_only = Selection(formats=("onnx",))
+    assert run_validation(tiny, root, onnx_only, max_new_tokens=NEW_TOKENS, threads=1,
+                          perplexity_tokens=64).failed_runners == []
     settings = BenchSettings(threads=1, ttft_prompt_tokens=4, prefill_tokens=16, decode_tokens=4, repeats=1)
-    outcome = run_bench(tiny, artifacts, Selection(formats=("onnx",)), settings, bandwidth_megabytes=32)
+    outcome = run_bench(tiny, root, onnx_only, settings, bandwidth_megabytes=32)
     assert outcome.failed_runners == []
     row = next(row for row in outcome.piece["runners"] if row["runner"] == "onnxruntime fp32 cpu")
     for metric in ("load_seconds", "time_to_first_token_seconds", "prefill_tokens_per_second",
                    "decode_tokens_per_second", "percent_of_ceiling", "peak_rss_bytes", "size_bytes"):
         assert finite_number(row[metric]) and row[metric] > 0, metric
     assert row["prefill_tokens"] == 16 and row["decode_tokens"] == 4 and row["threads"] == 1
-    report = json.loads(write_report(artifacts, tiny.weights.slug)["json"].read_text())
+    report = json.loads(write_report(root, tiny.weights.slug)["json"].read_text())
     assert report["bench"]["read_bandwidth_bytes_per_second"] > 0
-    html = (artifacts / "random-tiny" / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
+    html = (root / "random-tiny" / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3  # validation's logit-difference and top-1 plots, bench's speed
 
 
 def test_reexported_perturbed_model_fails_naming_the_backend(perturbed_artifacts):
