@@ -33,6 +33,7 @@ from exporters.artifact import MANIFEST, BundleWriter, load_bundle
 from exporters.signature import decoder_io
 from gemma_export.errors import run_cli
 from model.config import PRESETS
+from model import interrupts
 from model.interrupts import Terminated, signals_deferred, signals_recorded
 
 REPO = Path(__file__).resolve().parents[1]
@@ -344,6 +345,14 @@ def swallow(sent: signal.Signals) -> None:
         assert isinstance(caught, (KeyboardInterrupt, Terminated))
 
 
+@pytest.fixture(autouse=True)
+def no_signal_left_recorded():
+    """Every test of this module leaves no recorded signal behind: the later tests of the session export in this
+    same process, and each export step would raise it (`raise_if_interrupted`)."""
+    yield
+    assert interrupts._received is None, f"a recorded {interrupts._received!r} was left for the next tests"
+
+
 @pytest.fixture
 def sigint_handled():
     """These tests send SIGINT to this very process. A launcher without job control (`make test &` in a script)
@@ -446,6 +455,9 @@ def test_the_cli_process_ignores_signals_once_its_exit_code_is_decided(sent, cap
         time.sleep(0.1)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # A CLI process exits here, keeping its recorded signal; this test process goes on to run exports,
+        # whose every step would raise that signal again (`raise_if_interrupted`).
+        interrupts._received, interrupts._holding = None, 0
     assert capsys.readouterr().err.strip() == SIGNAL_MESSAGE[sent]
 
 
