@@ -77,10 +77,9 @@ class Rewriter:
         return value
 
     def node(self, anchor: ir.Node, op_type: str, inputs: list[ir.Value], name: str, domain: str = "",
-             **attributes: int | list[int]) -> ir.Value:
-        attrs = [ir.AttrInt64s(key, value) if isinstance(value, list) else ir.AttrInt64(key, value)
-                 for key, value in attributes.items()]
-        node = ir.Node(domain, op_type, inputs, attributes=attrs, name=name)
+             **attributes: int) -> ir.Value:
+        node = ir.Node(domain, op_type, inputs, name=name,
+                       attributes=[ir.AttrInt64(key, value) for key, value in attributes.items()])
         self.graph.insert_before(anchor, node)
         return node.outputs[0]
 

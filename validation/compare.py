@@ -109,8 +109,7 @@ def load_prompts(tokenizer: GemmaTokenizer, config: Gemma3Config, max_new_tokens
 
 def load_heldout(tokenizer: GemmaTokenizer, max_tokens: int = HELDOUT_MAX_TOKENS,
                  path: Path = HELDOUT_FILE) -> list[int]:
-    """The held-out text's first `max_tokens` tokens: each runner is teacher-forced through them one step at a
-    time."""
+    """The held-out text's first `max_tokens` tokens: each runner is teacher-forced through them."""
     return tokenizer.encode(path.read_text(encoding="utf-8"))[:max_tokens]
 
 
@@ -127,6 +126,7 @@ class ReferenceRun:
 class HeldoutRun:
     ids: list[int]
     step_logits: list[np.ndarray]  # step k: the reference's logits that predict ids[k + 1]
+    perplexity: float  # the reference's, computed once for every runner's ratio
 
 
 def greedy_run(runner: Runner, prompt_ids: Sequence[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
@@ -165,11 +165,6 @@ def greedy_and_forced(runner: Runner, prompt_ids: Sequence[int],
 
 def reference_runs(reference: Runner, prompts: Sequence[Prompt], steps: int) -> list[ReferenceRun]:
     return [ReferenceRun(prompt, *greedy_run(reference, prompt.ids, steps)) for prompt in prompts]
-
-
-def heldout_logits(runner: Runner, ids: Sequence[int]) -> list[np.ndarray]:
-    """Teacher-forced through the held-out text: step k's logits predict ids[k + 1]."""
-    return runner.teacher_forced(ids)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -270,7 +265,7 @@ def failures(summary: dict[str, Any], prompts: Sequence[dict[str, Any]], thresho
 
 def compare_heldout(runner: Runner, heldout: HeldoutRun) -> tuple[list[dict[str, Any]], float]:
     """Step metrics against the reference over the held-out text, and the runner's perplexity on it."""
-    logits = heldout_logits(runner, heldout.ids)
+    logits = runner.teacher_forced(heldout.ids)
     steps = [step_metrics(theirs, mine) for theirs, mine in zip(heldout.step_logits, logits)]
     return steps, perplexity(logits, heldout.ids)
 
@@ -284,7 +279,7 @@ def compare_runner(runner: Runner, references: Sequence[ReferenceRun], heldout: 
     return {"runner": runner.name, **runner.spec.to_dict(), "verdict": "FAIL" if failed else "PASS",
             "failures": failed, "thresholds": asdict(thresholds), **summary,
             "perplexity": runner_perplexity,
-            "perplexity_ratio": runner_perplexity / perplexity(heldout.step_logits, heldout.ids),
+            "perplexity_ratio": runner_perplexity / heldout.perplexity,
             "size_bytes": runner.size_bytes, "prompts": prompts, "heldout_steps": heldout_steps}
 
 
@@ -309,9 +304,10 @@ def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, s
     """The reference's own row (its perplexity, verdict "reference") and one compared row per runner. Each
     runner is opened only when its turn comes and dropped after, so one runtime's memory at a time."""
     references = reference_runs(reference, prompts, steps)
-    heldout = HeldoutRun(list(heldout_ids), heldout_logits(reference, heldout_ids))
+    reference_logits = reference.teacher_forced(heldout_ids)
+    heldout = HeldoutRun(list(heldout_ids), reference_logits, perplexity(reference_logits, heldout_ids))
     rows = [{"runner": reference.name, **reference.spec.to_dict(), "verdict": "reference", "failures": [],
-             "perplexity": perplexity(heldout.step_logits, heldout.ids), "size_bytes": reference.size_bytes,
+             "perplexity": heldout.perplexity, "size_bytes": reference.size_bytes,
              "prompts": [{"prompt": run.prompt.name, "prompt_tokens": len(run.prompt.ids),
                           "crosses_window": run.prompt.crosses_window, "reference_tokens": run.tokens}
                          for run in references]}]
