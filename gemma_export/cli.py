@@ -13,8 +13,9 @@ from exporters.artifact import Bundle
 from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle
 from gemma_export.errors import entry_point
 from gemma_export.progress import StepProgress
-from gemma_export.validation_commands import (finish, perplexity_tokens_option, run_bench, run_validation,
-                                              selection_from, write_report)
+from gemma_export.validation_commands import (baseline_option, budget_option, finish, perplexity_tokens_option, run_bench,
+                                              run_validation, save_timings, selection_from, stage_summary,
+                                              write_report)
 from gemma_export.validation_commands import register as register_validation_commands
 from validation.bench import BenchSettings
 from validation.runners import IN_MEMORY_FORMAT, REFERENCE_PRECISION
@@ -137,30 +138,43 @@ def bundle_summary(bundle: Bundle, seconds: float) -> str:
 @perplexity_tokens_option
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@budget_option
 @click.option("--bench/--no-bench", "with_bench", default=True, show_default=True,
               help="--no-bench: export, validate and report only (the report then has no speed columns).")
 @requantize_option
+@baseline_option
+@click.option("--verbose", is_flag=True, help="At the end, each runner's validate and bench time too, not only each "
+                                               "stage's.")
 def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
                 precision_filters: tuple[str, ...], threads: int, max_new_tokens: int, perplexity_tokens: int,
-                decode_tokens: int, repeats: int, with_bench: bool, requantize: bool) -> None:
+                decode_tokens: int, repeats: int, budget_s: float, with_bench: bool, requantize: bool,
+                baselines: tuple[str, ...], verbose: bool) -> None:
     """Export every format and precision, validate, bench and report (what the host can't run is skipped,
     and the report says why)."""
+    command_started = time.perf_counter()
     plan = export_plan(formats or tuple(FORMATS), precision_filters)
     loaded = load(model_id, revision=revision)
+    export_seconds = {}
     for fmt, precisions in plan.items():
         started = time.perf_counter()
         with StepProgress(f"export {fmt}") as progress:
             bundle = export_bundle(loaded, fmt, precisions, out_dir, progress=progress, requantize=requantize)
-        click.echo(bundle_summary(bundle, time.perf_counter() - started))
+        export_seconds[fmt] = time.perf_counter() - started
+        click.echo(bundle_summary(bundle, export_seconds[fmt]))
     # Only the precisions exported now are judged (not an older bundle's other variants), beside
     # the in-memory PyTorch runners: the reference and its torch.compile'd twin.
     exported = {precision for precisions in plan.values() for precision in precisions} | {REFERENCE_PRECISION}
     selection = selection_from((*plan, IN_MEMORY_FORMAT), tuple(sorted(exported)), (), (), ())
     validation = run_validation(loaded, out_dir, selection, max_new_tokens=max_new_tokens, threads=threads,
-                                perplexity_tokens=perplexity_tokens)
+                                perplexity_tokens=perplexity_tokens, baselines=baselines)
     bench = (run_bench(loaded, out_dir, selection, BenchSettings(threads=threads, decode_tokens=decode_tokens,
-                                                                  repeats=repeats)) if with_bench else None)
+                                                                  repeats=repeats, budget_s=budget_s),
+                       baselines=baselines)
+             if with_bench else None)
+    timings = {"exports": export_seconds, "total_seconds": time.perf_counter() - command_started}
+    save_timings(out_dir, loaded.weights.slug, timings)
     paths = write_report(out_dir, loaded.weights.slug)
+    click.echo(stage_summary(timings, validation, bench, verbose), err=True)
     finish(validation, paths, "validation")  # exits non-zero naming failing runners before bench is judged
     if bench is not None:
         finish(bench, paths, "bench")

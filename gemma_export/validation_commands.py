@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,12 @@ from tqdm import tqdm
 from model.errors import UserError
 from model.loading import DEFAULT_MODEL, LoadedModel, load
 from validation import report as report_files
-from validation.baselines import BASELINE_CHOICES, baseline_model_files, baseline_spec, check_baselines
+from validation.baselines import (BASELINE_CHOICES, BaselineFiles, baseline_model_files, baseline_spec,
+                                  check_baselines, open_baseline_runner)
 from validation.bench import BenchJob, BenchSettings, bench_all
 from validation.compare import HELDOUT_MAX_TOKENS, compare_all, load_heldout, load_prompts, thresholds_for
 from validation.runners import (COREML_COMPUTE_UNITS, FORMAT_CHOICES, IN_MEMORY_FORMAT, ONNX_PROVIDERS,
-                                REFERENCE_SPEC, TORCH_DEVICES, BundleProblem, Host, RunnerSpec, Selection,
+                                REFERENCE_SPEC, TORCH_DEVICES, BundleProblem, Host, Runner, RunnerSpec, Selection,
                                 available_specs, load_bundles, make_runner, set_thread_count)
 
 EXIT_VALIDATION_FAILED = 1
@@ -75,8 +77,13 @@ def model_entry(loaded: LoadedModel) -> dict[str, str]:
 def run_validation(loaded: LoadedModel, artifacts_root: Path, selection: Selection = Selection(),
                    max_new_tokens: int = 32, max_abs_logit_diff: float | None = None,
                    min_top1_agreement: float | None = None, threads: int = 0,
-                   perplexity_tokens: int = HELDOUT_MAX_TOKENS) -> Outcome:
-    """Compare every available runner with the reference; save validation.json into the report folder."""
+                   perplexity_tokens: int = HELDOUT_MAX_TOKENS, baselines: Sequence[str] = ()) -> Outcome:
+    """Compare every available runner, and each requested baseline (on the same tokens, judged by no floor),
+    with the reference; save validation.json into the report folder."""
+    started = time.perf_counter()
+    weights = loaded.weights
+    baselines = list(dict.fromkeys(baselines))
+    check_baselines(baselines, weights)
     specs, bundles, skipped, errors = prepare(loaded, artifacts_root, selection)
     set_thread_count(threads)
     model, config = loaded.model, loaded.model.config
@@ -86,23 +93,46 @@ def run_validation(loaded: LoadedModel, artifacts_root: Path, selection: Selecti
     max_length = max(longest, len(heldout))
     reference = make_runner(REFERENCE_SPEC, bundles, model, max_length=max_length)
     compared = [spec for spec in specs if spec != REFERENCE_SPEC]
-    with tqdm(total=len(compared) + 1, desc="validate", unit="runner") as bar:
-        def advance(name: str) -> None:
-            bar.set_postfix_str(name)
-            bar.update(1)
+    with (baseline_model_files(weights) if baselines else contextlib.nullcontext()) as files, \
+            tqdm(total=len(compared) + len(baselines) + 1, desc="validate", unit="runner") as bar:
         openers = [(spec.name, spec.to_dict(),
                     lambda spec=spec: make_runner(spec, bundles, model, max_length=max_length, threads=threads))
                    for spec in compared]
+        baseline_openers = [baseline_opener(name, files, max_length, threads) for name in baselines]
         bar.set_postfix_str("reference")
         rows = compare_all(reference, openers, prompts, heldout, max_new_tokens,
                            lambda precision: thresholds_for(precision, config, max_abs_logit_diff, min_top1_agreement),
-                           on_runner=advance)
-        bar.update(1)
+                           on_runner=progress_callback(bar, first_done=True), open_baselines=baseline_openers)
+    baseline_rows = [row for row in rows if row.get("baseline")]
+    runner_rows = [row for row in rows if not row.get("baseline")]
     piece = {"model": model_entry(loaded), "max_new_tokens": max_new_tokens, "heldout_tokens": len(heldout),
-             "runners": rows, "skipped": skipped, "bundle_errors": errors}
-    report_files.save_piece(report_files.report_dir(artifacts_root, loaded.weights.slug), "validation", piece)
+             "runners": runner_rows, "baselines": baseline_rows, "skipped": skipped, "bundle_errors": errors,
+             "seconds": time.perf_counter() - started}
+    report_files.save_piece(report_files.report_dir(artifacts_root, weights.slug), "validation", piece)
     failed = [row["runner"] for row in rows if row["verdict"] == "FAIL"]
     return Outcome(piece, failed, errors)
+
+
+def baseline_opener(name: str, files: BaselineFiles, max_length: int, threads: int
+                    ) -> tuple[str, dict[str, str], Callable[[], Runner]]:
+    """(runner name, spec, opener) of a baseline for compare_all: validation runs it in this process."""
+    spec = baseline_spec(name, files)
+    return spec.name, spec.to_dict(), lambda: open_baseline_runner(spec, files.path_for(name), max_length, threads)
+
+
+def progress_callback(bar: tqdm, first_done: bool = False) -> Callable[[str, bool], None]:
+    """Shows the runner at work; counts it when it is done (`first_done`: the reference's own step, already
+    running when the first runner is announced, is counted then)."""
+    pending = [first_done]
+
+    def on_runner(name: str, finished: bool) -> None:
+        if pending and pending.pop():
+            bar.update(1)
+        if finished:
+            bar.update(1)
+        else:
+            bar.set_postfix_str(name)
+    return on_runner
 
 
 def run_bench(loaded: LoadedModel, artifacts_root: Path, selection: Selection = Selection(),
@@ -110,6 +140,7 @@ def run_bench(loaded: LoadedModel, artifacts_root: Path, selection: Selection = 
               baselines: Sequence[str] = ()) -> Outcome:
     """Benchmark every available runner and each requested baseline (llama.cpp, transformers), each in a fresh
     process; save bench.json, with every runner's ratios to the baselines, into the report folder."""
+    started = time.perf_counter()
     weights = loaded.weights
     baselines = list(dict.fromkeys(baselines))
     check_baselines(baselines, weights)
@@ -121,19 +152,39 @@ def run_bench(loaded: LoadedModel, artifacts_root: Path, selection: Selection = 
                                   weights.weight_sha256, settings, model_path=str(files.path_for(name)))
                          for name in baselines]
         with tqdm(total=(len(jobs) + len(baseline_jobs)) * settings.rounds, desc="bench", unit="runner") as bar:
-            def advance(name: str) -> None:
-                bar.set_postfix_str(name)
-                bar.update(1)
-            measured = bench_all(jobs, bandwidth_megabytes, on_runner=advance, baseline_jobs=baseline_jobs)
-    piece = {"model": model_entry(loaded), **measured, "skipped": skipped, "bundle_errors": errors}
+            measured = bench_all(jobs, bandwidth_megabytes, on_runner=progress_callback(bar),
+                                 baseline_jobs=baseline_jobs)
+    piece = {"model": model_entry(loaded), **measured, "skipped": skipped, "bundle_errors": errors,
+             "seconds": time.perf_counter() - started}
     report_files.save_piece(report_files.report_dir(artifacts_root, weights.slug), "bench", piece)
     failed = [row["runner"] for row in [*measured["runners"], *measured["baselines"]] if "error" in row]
     return Outcome(piece, failed, errors)
 
 
+def save_timings(artifacts_root: Path, slug: str, timings: dict[str, Any]) -> None:
+    """`gemma-export all`'s own stage times (the exports, the whole command) for the report's time table."""
+    report_files.save_piece(report_files.report_dir(artifacts_root, slug), "timings", timings)
+
+
+def stage_summary(timings: dict[str, Any], validation: Outcome, bench: Outcome | None, verbose: bool) -> str:
+    """Where the time went, one line per stage; with `verbose` a line per runner under validate and bench."""
+    lines = ["time per stage:"]
+    lines += [f"  export {fmt:<12} {seconds:7.0f} s" for fmt, seconds in timings["exports"].items()]
+    for stage, outcome in (("validate", validation), ("bench", bench)):
+        if outcome is None:
+            continue
+        lines.append(f"  {stage:<19} {outcome.piece['seconds']:7.0f} s")
+        if verbose:
+            lines += [f"    {row['runner']:<36} {row['seconds']:7.0f} s"
+                      for row in [*outcome.piece["runners"], *outcome.piece.get("baselines", [])]
+                      if row.get("seconds") is not None]
+    lines.append(f"  {'all':<19} {timings['total_seconds']:7.0f} s")
+    return "\n".join(lines)
+
+
 def write_report(artifacts_root: Path, slug: str) -> dict[str, Path]:
     folder = report_files.report_dir(artifacts_root, slug)
-    if not any((folder / f"{piece}.json").is_file() for piece in report_files.PIECES):
+    if not any((folder / f"{piece}.json").is_file() for piece in report_files.RESULT_PIECES):
         raise UserError(f"{folder} holds no validation or benchmark results yet",
                         "run gemma-export validate (and bench) first")
     return report_files.write_report(folder)
@@ -190,6 +241,18 @@ perplexity_tokens_option = click.option(
     help="Tokens of the held-out text each runner's perplexity is measured on.")
 
 
+budget_option = click.option(
+    "--budget-s", type=click.FloatRange(min=0, min_open=True), default=BenchSettings.budget_s, show_default=True,
+    help="Most seconds the timed runs of one measurement (TTFT, prefill, decode) may take: a runner too slow for "
+         "--repeats runs of --decode-tokens gets fewer, and the report says so.")
+baseline_option = click.option(
+    "--baseline", "baselines", multiple=True, type=click.Choice(BASELINE_CHOICES),
+    help="Repeatable: also run what a user would run instead, in the same run: validate measures it on the same "
+         "tokens as every runner (mean KL, top-1, perplexity; judged by no floor), bench measures its speed and "
+         "every runner's ratio to it. llama.cpp needs a GGUF model and pip install -e \".[baseline]\"; "
+         "transformers runs the same weights in fp32.")
+
+
 @click.command("validate")
 @selection_options
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
@@ -200,16 +263,17 @@ perplexity_tokens_option = click.option(
 @click.option("--max-logit-diff", type=click.FloatRange(min=0), default=None,
               help="Override the max |Δlogit| limit (default: fp32 1e-3 tiny / 5e-3 real; none for others).")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
-              help="Override the top-1 agreement floor, as a fraction (default: fp16/bf16 0.99, int8 0.98, int4 0.97).")
+              help="Override the top-1 agreement floor, as a fraction (default: fp16/bf16 0.99, int8 0.97, int4 0.92).")
+@baseline_option
 def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
                      devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
                      max_new_tokens: int, perplexity_tokens: int, threads: int, max_logit_diff: float | None,
-                     min_top1: float | None) -> None:
+                     min_top1: float | None, baselines: tuple[str, ...]) -> None:
     """Compare every exported runner with the PyTorch reference; write artifacts/<model>/report/."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)
     loaded = load(model_id)
     outcome = run_validation(loaded, out_dir, selection, max_new_tokens, max_logit_diff, min_top1, threads,
-                             perplexity_tokens)
+                             perplexity_tokens, baselines)
     finish(outcome, write_report(out_dir, loaded.weights.slug), "validation")
 
 
@@ -220,26 +284,25 @@ def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], pre
 @click.option("--prefill-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed runs per measurement (median), after one warm-up run.")
+@budget_option
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Measure every runner and baseline this many times, each time in a fresh process and in "
                    "alternating order; report the medians (and the median of each round's ratio to a baseline). "
                    "For shared, noisy machines.")
 @click.option("--bandwidth-mb", type=click.IntRange(min=16), default=1024, show_default=True,
               help="Buffer size of the read-bandwidth measurement.")
-@click.option("--baseline", "baselines", multiple=True, type=click.Choice(BASELINE_CHOICES),
-              help="Repeatable: also measure what a user would run instead, in the same run, and report every "
-                   "runner's ratio to it. llama.cpp needs a GGUF model and pip install -e \".[baseline]\"; "
-                   "transformers runs the same weights in fp32.")
+@baseline_option
 def bench_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
                   devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
-                  threads: int, decode_tokens: int, prefill_tokens: int, repeats: int, rounds: int,
+                  threads: int, decode_tokens: int, prefill_tokens: int, repeats: int, budget_s: float,
+                  rounds: int,
                   bandwidth_mb: int, baselines: tuple[str, ...]) -> None:
     """Measure load time, TTFT, prefill/decode tok/s, peak RSS and % of the bandwidth ceiling per runner, and
     with --baseline each runner's ratio to llama.cpp and/or transformers."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)
     loaded = load(model_id)
     settings = BenchSettings(threads=threads, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
-                             repeats=repeats, rounds=rounds)
+                             repeats=repeats, budget_s=budget_s, rounds=rounds)
     outcome = run_bench(loaded, out_dir, selection, settings, bandwidth_mb, baselines)
     finish(outcome, write_report(out_dir, loaded.weights.slug), "benchmark")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_export.validation_commands import run_bench, write_report
+from gemma_export.validation_commands import run_bench, run_validation, write_report
 from model.loading import load
 from model.tokenizer import tiny_vocabulary
 from model.weights import GGUF_NAMES, is_norm, save_hf_directory, source_names
@@ -241,6 +241,48 @@ def test_bench_measures_the_llama_cpp_baseline_on_a_gguf_model(tiny_gguf, tmp_pa
     row = next(row for row in outcome.piece["runners"] if row["runner"] == "pytorch fp32 cpu")
     for baseline in baselines.values():
         check_ratios(row, baseline)
+
+
+def check_gate_baselines(outcome, root: Path, slug: str, expected: dict[str, float]) -> None:
+    """Each baseline went through the same gate as the runners (same teacher-forced steps, same reference), is
+    judged by no floor, and has its row in the report; `expected`: baseline → the mean KL it must stay under."""
+    runners = {row["runner"]: row for row in outcome.piece["runners"]}
+    baselines = {row["runner"]: row for row in outcome.piece["baselines"]}
+    assert set(baselines) == set(expected) and outcome.failed_runners == []
+    compared = runners["pytorch-compile fp32 cpu"] if "pytorch-compile fp32 cpu" in runners else None
+    for name, row in baselines.items():
+        assert row["baseline"] is True and row["verdict"] == "baseline" and row["failures"] == []
+        assert row["thresholds"] == {"max_abs_logit_diff": None, "min_top1_agreement": None,
+                                     "greedy_identical": False, "max_mean_kl_divergence": None}
+        assert row["prompts"] and all(len(prompt["steps"]) == 4 for prompt in row["prompts"])
+        assert row["teacher_forced_steps"] == 4 * len(row["prompts"]) + 63  # and 64 held-out tokens
+        assert 0 <= row["mean_kl_divergence"] < expected[name], name
+        assert row["seconds"] > 0 and row["nonfinite_logits"] == 0
+        if compared is not None:
+            assert row["teacher_forced_steps"] == compared["teacher_forced_steps"]
+    markdown = write_report(root, slug)["md"].read_text()
+    assert "## Baselines on the same tokens" in markdown
+    for row in baselines.values():
+        assert (f"| {row['backend']} | {row['precision']} | {row['teacher_forced_steps']} | "
+                f"{row['mean_kl_divergence']:.2e} | {100 * row['top1_agreement']:.1f} |") in markdown
+
+
+def test_validate_runs_the_transformers_baseline_through_the_gate(tiny, tmp_path):
+    root = tmp_path / "artifacts"
+    outcome = run_validation(tiny, root, Selection(formats=("pytorch",)), max_new_tokens=4, threads=1,
+                             perplexity_tokens=64, baselines=("transformers",))
+    # transformers runs the same fp32 weights: the same distribution up to float32 rounding.
+    check_gate_baselines(outcome, root, "random-tiny", {"transformers fp32 cpu": 1e-9})
+
+
+@needs_llama_cpp
+def test_validate_runs_the_llama_cpp_baseline_through_the_gate(tiny_gguf, tmp_path):
+    loaded = load(str(tiny_gguf))
+    root = tmp_path / "artifacts"
+    outcome = run_validation(loaded, root, Selection(formats=("pytorch",)), max_new_tokens=4, threads=1,
+                             perplexity_tokens=64, baselines=("llama.cpp",))
+    # llama.cpp keeps K and V in fp16 (see test_llama_cpp_baseline_runs_our_model): close, not equal.
+    check_gate_baselines(outcome, root, loaded.weights.slug, {"llama.cpp F32 cpu": 1e-3})
 
 
 # ------------------------------------------------------------------------------------------- the real model

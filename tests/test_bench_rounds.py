@@ -4,6 +4,7 @@ processes are replaced by scripted numbers: what is tested is the bookkeeping, n
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import validation.bandwidth
@@ -46,7 +47,7 @@ def scripted(monkeypatch):
 
     FAILING_ROUNDS.clear()
     monkeypatch.setattr(validation.bench, "run_job_in_subprocess", run_job_in_subprocess)
-    monkeypatch.setattr(validation.bandwidth, "measure_read_bandwidth", lambda megabytes: 1e5)
+    monkeypatch.setattr(validation.bandwidth, "measure_read_bandwidths", lambda megabytes: {"scripted": 1e5})
     return calls
 
 
@@ -93,3 +94,61 @@ def test_report_says_how_many_rounds_the_numbers_are_medians_of():
 def test_zero_rounds_is_refused():
     with pytest.raises(ValueError, match="rounds must be at least 1"):
         BenchSettings(rounds=0)
+
+
+# ------------------------------------------------------------------------------------- the time budget
+
+class PacedRunner:
+    """A runner whose prefill and decode take a fixed time on a counter that stands for bench's clock: what the
+    budget cuts is decided from the warm-up's speed, so the counts here are exact."""
+
+    vocab_size, context_tokens, size_bytes, weight_bytes_per_token = 32, 4096, 1000, 1000
+
+    def __init__(self, monkeypatch, prefill_s: float, decode_s: float) -> None:
+        self.clock, self.prefill_s, self.decode_s = 0.0, prefill_s, decode_s
+        self.prefills = self.decodes = 0
+        monkeypatch.setattr(validation.bench.time, "perf_counter", lambda: self.clock)
+
+    def prefill(self, ids) -> np.ndarray:
+        self.clock += self.prefill_s
+        self.prefills += 1
+        return np.zeros(self.vocab_size)
+
+    def decode(self, token) -> np.ndarray:
+        self.clock += self.decode_s
+        self.decodes += 1
+        return np.zeros(self.vocab_size)
+
+
+def paced(monkeypatch, prefill_s: float, decode_s: float) -> PacedRunner:
+    return PacedRunner(monkeypatch, prefill_s, decode_s)
+
+
+def test_a_fast_runner_is_measured_in_full(monkeypatch):
+    runner = paced(monkeypatch, prefill_s=0.01, decode_s=0.001)
+    settings = BenchSettings(decode_tokens=256, repeats=3, budget_s=30.0)
+    measured = validation.bench.measure(runner, settings, load_seconds=1.0)
+    assert "shortened" not in measured
+    assert measured["decode_tokens"] == 256 and measured["decode_tokens_per_second"] == pytest.approx(1000.0)
+    # TTFT and prefill: a warm-up and 3 timed prefills each; decode: a 16-token warm-up and 3 runs of 256.
+    assert runner.decodes == 16 + 3 * 256 and runner.prefills == 4 + 4 + 4
+
+
+def test_a_slow_runner_is_cut_to_the_budget_and_says_so(monkeypatch):
+    runner = paced(monkeypatch, prefill_s=4.0, decode_s=0.5)
+    settings = BenchSettings(decode_tokens=256, repeats=3, budget_s=10.0)
+    measured = validation.bench.measure(runner, settings, load_seconds=1.0)
+    # Prefill: 4 s a run, 2 runs fit 10 s. Decode: 0.5 s a token, 20 tokens fit, in one run.
+    assert measured["decode_tokens"] == 20 and measured["decode_tokens_per_second"] == pytest.approx(2.0)
+    assert measured["time_to_first_token_seconds"] == pytest.approx(4.0)
+    assert measured["shortened"] == ["TTFT: 2 of 3 timed runs", "prefill: 2 of 3 timed runs",
+                                     "decode: 1 of 3 timed runs", "decode: 20 of 256 tokens per run"]
+    assert runner.decodes == 16 + 20
+
+
+def test_the_slowest_runner_still_gets_one_run_of_the_probe_length(monkeypatch):
+    runner = paced(monkeypatch, prefill_s=100.0, decode_s=10.0)
+    measured = validation.bench.measure(runner, BenchSettings(decode_tokens=256, repeats=3, budget_s=10.0), 1.0)
+    assert measured["decode_tokens"] == validation.bench.DECODE_PROBE_TOKENS
+    assert measured["decode_tokens_per_second"] == pytest.approx(0.1)
+    assert "prefill: 1 of 3 timed runs" in measured["shortened"]

@@ -75,9 +75,24 @@ def check_report(out, slug: str, precisions: dict[str, list[str]], benched: bool
                                   for metric in BENCH_METRICS), (name, bench[name])
     markdown = (folder / "report.md").read_text()
     assert all(f"| {name.split()[0]} | {name.split()[1]} |" in markdown for name in expected)
+    check_timings(report, markdown, precisions, benched)
     html = (folder / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= (3 if benched else 2)
     return report
+
+
+def check_timings(report: dict, markdown: str, precisions: dict[str, list[str]], benched: bool) -> None:
+    """`all` records where its time went: each export, each stage, each runner within a stage; the parts add up
+    to no more than their stage, and the stages to no more than the whole command."""
+    timings = report["timings"]
+    assert list(timings["exports"]) == list(precisions) and all(value > 0 for value in timings["exports"].values())
+    stages = [report["validation"], *([report["bench"]] if benched else [])]
+    for stage in stages:
+        parts = [row["seconds"] for row in stage["runners"]]
+        assert all(value > 0 for value in parts) and sum(parts) <= stage["seconds"]
+    assert sum(timings["exports"].values()) + sum(stage["seconds"] for stage in stages) <= timings["total_seconds"]
+    assert "## Where the time went" in markdown
+    assert f"| all | (the whole command) | {timings['total_seconds']:.0f} |" in markdown
 
 
 def check_bundles(out, slug: str, precisions: dict[str, list[str]], weight_sha256: str) -> None:
@@ -91,6 +106,7 @@ def check_bundles(out, slug: str, precisions: dict[str, list[str]], weight_sha25
 def test_tiny_all_every_backend(tiny, tiny_all):
     out, result = tiny_all
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "time per stage:" in result.stderr and "\n  export coreml " in result.stderr
     precisions = planned_precisions(TINY_ALL_PRECISIONS)
     assert precisions == {"torchscript": ["fp32"], "onnx": ["fp32", "int4"], "coreml": ["fp32", "int4"]}
     check_bundles(out, tiny.weights.slug, precisions, tiny.weights.weight_sha256)

@@ -128,6 +128,18 @@ def open_baseline(spec: Mapping[str, str], model_path: Path, context_tokens: int
     return open_transformers(spec, model_path, context_tokens, threads)
 
 
+def open_baseline_runner(spec: RunnerSpec, model_path: Path, context_tokens: int, threads: int = 0) -> Any:
+    """The baseline as a validation.runners.Runner, for validation to compare in its own process (which has
+    torch already) on the same tokens as our runners."""
+    from validation.runners import Runner
+
+    opened = open_baseline(spec.to_dict(), model_path, context_tokens, threads)
+    if isinstance(opened, Runner):
+        return opened
+    return Runner(spec, opened, opened.vocab_size, opened.size_bytes, opened.weight_bytes_per_token,
+                  opened.context_tokens)
+
+
 class LlamaCppRunner:
     """llama-cpp-python's `Llama.eval` over the GGUF, with the runner calls bench times: prefill evaluates the
     prompt (in llama.cpp's batches of 512), decode one token; the logits are the last evaluated token's, read from
@@ -145,10 +157,10 @@ class LlamaCppRunner:
         self.size_bytes = self.weight_bytes_per_token = path.stat().st_size
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        if not 0 < len(ids) <= self.context_tokens:
+        if not 0 < np.asarray(ids).size <= self.context_tokens:
             raise ValueError(f"llama.cpp takes prompts of 1..{self.context_tokens} tokens, got {len(ids)}")
         self.llama.reset()
-        self.llama.eval([int(token) for token in ids])
+        self.llama.eval([int(token) for token in np.asarray(ids).reshape(-1)])  # a list, or Runner's [1, n]
         return self.last_logits()
 
     def decode(self, token: int) -> np.ndarray:

@@ -3,7 +3,9 @@ decode speed as a share of the memory-bandwidth ceiling (weight bytes read per t
 
 Each runner is measured in a fresh process (`python -m validation.bench --one <job json>`), so its peak RSS is
 its own and the memory of one runtime is given back before the next starts. Timings are medians of
-`repeats` runs after one warm-up run that is not counted. The baselines (validation/baselines.py: llama.cpp,
+`repeats` runs after one warm-up run that is not counted; where the warm-up shows that a slow runner's runs would
+not fit the budget (`budget_s` per measurement), it gets fewer runs or decode tokens and its row lists what was
+cut (`shortened`), so one slow interpreter or 16-bit CPU kernel costs seconds, not minutes. The baselines (validation/baselines.py: llama.cpp,
 transformers) are measured the same way in the same run, and every runner row gets its ratio to each of them.
 With `rounds` > 1 every runner and baseline is measured that many times, a round at a time and in alternating
 order, and each number is the median over the rounds: on a shared machine one process can land in a busy minute,
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 # torch and the runners are imported inside the functions that need them: a baseline's process (see
 # validation/baselines.py) measures llama.cpp with this module and must not carry torch in its peak RSS.
 
-WARMUP_RUNS = 1
+DECODE_PROBE_TOKENS = 16  # the decode warm-up, which also measures how many tokens fit the budget
 RESULT_PREFIX = "BENCH-RESULT "
 SUBPROCESS_TIMEOUT_S = 3600
 FIRST_ORDINARY_TOKEN = 3  # ids 0-2 are <pad>, <eos>, <bos>
@@ -47,6 +49,9 @@ class BenchSettings:
     decode_tokens: int = 256
     repeats: int = 3
     rounds: int = 1  # bench_all measures every runner and baseline this many times (see combine_rounds)
+    # The most seconds the timed runs of one measurement (TTFT, prefill, decode) may take: a runner too slow to
+    # fit gets fewer runs or decode tokens, and its row says so ("shortened"); a fast one is never cut.
+    budget_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -83,36 +88,54 @@ def prompt_ids(length: int, vocab_size: int) -> list[int]:
     return [FIRST_ORDINARY_TOKEN + (index * 7919) % span for index in range(length)]
 
 
-def median_seconds(action: Callable[[], None], repeats: int) -> float:
+def median_seconds(action: Callable[[], None], repeats: int, budget_s: float) -> tuple[float, int]:
+    """(median seconds of the timed runs, how many ran): `repeats` after the warm-up, fewer where the warm-up
+    says they would not fit `budget_s` (never fewer than one)."""
+    started = time.perf_counter()
+    action()  # the warm-up, not counted
+    fitting = fitting_runs(time.perf_counter() - started, repeats, budget_s)
     seconds = []
-    for _ in range(WARMUP_RUNS + repeats):
+    for _ in range(fitting):
         started = time.perf_counter()
         action()
         seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds[WARMUP_RUNS:])
+    return statistics.median(seconds), fitting
 
 
-def time_to_first_token(runner: Runner, settings: BenchSettings) -> float:
+def fitting_runs(one_run_s: float, repeats: int, budget_s: float) -> int:
+    return max(1, min(repeats, int(budget_s / one_run_s))) if one_run_s > 0 else repeats
+
+
+def time_to_first_token(runner: Runner, settings: BenchSettings) -> tuple[float, int]:
     ids = prompt_ids(settings.ttft_prompt_tokens, runner.vocab_size)
-    return median_seconds(lambda: int(runner.prefill(ids).argmax()), settings.repeats)
+    return median_seconds(lambda: int(runner.prefill(ids).argmax()), settings.repeats, settings.budget_s)
 
 
-def prefill_tokens_per_second(runner: Runner, length: int, settings: BenchSettings) -> float:
+def prefill_tokens_per_second(runner: Runner, length: int, settings: BenchSettings) -> tuple[float, int]:
     ids = prompt_ids(length, runner.vocab_size)
-    return length / median_seconds(lambda: runner.prefill(ids), settings.repeats)
+    seconds, runs = median_seconds(lambda: runner.prefill(ids), settings.repeats, settings.budget_s)
+    return length / seconds, runs
 
 
-def decode_tokens_per_second(runner: Runner, settings: BenchSettings) -> float:
-    """Greedy decode of `decode_tokens` after a short prompt; the prefill is outside the timed part."""
+def decode_tokens_per_second(runner: Runner, settings: BenchSettings) -> tuple[float, int, int]:
+    """(tok/s, tokens per run, timed runs): greedy decode after a short prompt, the prefill outside the timed
+    part. The warm-up decodes a few tokens and its speed sets how many fit the budget: `decode_tokens` per run
+    and `repeats` runs where they fit, fewer (at least DECODE_PROBE_TOKENS in one run) where they do not."""
     ids = prompt_ids(settings.ttft_prompt_tokens, runner.vocab_size)
-    rates = []
-    for _ in range(WARMUP_RUNS + settings.repeats):
+
+    def run(tokens: int) -> float:
         token = int(runner.prefill(ids).argmax())
         started = time.perf_counter()
-        for _ in range(settings.decode_tokens):
+        for _ in range(tokens):
             token = int(runner.decode(token).argmax())
-        rates.append(settings.decode_tokens / (time.perf_counter() - started))
-    return statistics.median(rates[WARMUP_RUNS:])
+        return time.perf_counter() - started
+
+    probe = min(settings.decode_tokens, DECODE_PROBE_TOKENS)
+    per_token = run(probe) / probe
+    fitting_tokens = int(settings.budget_s / per_token) if per_token > 0 else settings.decode_tokens
+    tokens = max(probe, min(settings.decode_tokens, fitting_tokens))
+    runs = fitting_runs(per_token * tokens, settings.repeats, settings.budget_s)
+    return statistics.median(tokens / run(tokens) for _ in range(runs)), tokens, runs
 
 
 def run_job(job: BenchJob) -> dict[str, Any]:
@@ -124,8 +147,10 @@ def run_job(job: BenchJob) -> dict[str, Any]:
     set_thread_count(settings.threads)
     backend = BACKENDS[job.spec.backend]
     model = load(job.model_id).model if backend.bundle_format is None else None
+    # bench_all's caller verified every file's sha256 before starting this process (prepare): hashing a
+    # format's whole bundle again in each runner's process would cost more than measuring some runners.
     bundles, problems = ({}, []) if model is not None else load_bundles(
-        Path(job.artifacts_root), job.slug, [backend.bundle_format], job.weight_sha256)
+        Path(job.artifacts_root), job.slug, [backend.bundle_format], job.weight_sha256, verify=False)
     if problems:
         raise RuntimeError(problems[0].reason)
     started = time.perf_counter()
@@ -152,14 +177,27 @@ def run_baseline_job(data: dict[str, Any]) -> dict[str, Any]:
 def measure(runner: Runner, settings: BenchSettings, load_seconds: float) -> dict[str, Any]:
     room = runner.context_tokens - settings.decode_tokens - settings.ttft_prompt_tokens
     prefill_length = max(1, min(settings.prefill_tokens, room))
-    return {"load_seconds": load_seconds,
-            "time_to_first_token_seconds": time_to_first_token(runner, settings),
-            "prefill_tokens": prefill_length,
-            "prefill_tokens_per_second": prefill_tokens_per_second(runner, prefill_length, settings),
-            "decode_tokens": settings.decode_tokens,
-            "decode_tokens_per_second": decode_tokens_per_second(runner, settings),
-            "size_bytes": runner.size_bytes, "weight_bytes_per_token": runner.weight_bytes_per_token,
-            "threads": settings.threads or os.cpu_count(), "peak_rss_bytes": peak_rss_bytes()}
+    ttft, ttft_runs = time_to_first_token(runner, settings)
+    prefill, prefill_runs = prefill_tokens_per_second(runner, prefill_length, settings)
+    decode, decode_tokens, decode_runs = decode_tokens_per_second(runner, settings)
+    measured = {"load_seconds": load_seconds, "time_to_first_token_seconds": ttft,
+                "prefill_tokens": prefill_length, "prefill_tokens_per_second": prefill,
+                "decode_tokens": decode_tokens, "decode_tokens_per_second": decode,
+                "size_bytes": runner.size_bytes, "weight_bytes_per_token": runner.weight_bytes_per_token,
+                "threads": settings.threads or os.cpu_count(), "peak_rss_bytes": peak_rss_bytes()}
+    shortened = shortened_measurements(settings, ttft_runs, prefill_runs, decode_tokens, decode_runs)
+    return {**measured, "shortened": shortened} if shortened else measured
+
+
+def shortened_measurements(settings: BenchSettings, ttft_runs: int, prefill_runs: int, decode_tokens: int,
+                           decode_runs: int) -> list[str]:
+    """What the budget cut, in words for the report: a slow runner's numbers rest on fewer runs or tokens."""
+    cut = [f"{name}: {runs} of {settings.repeats} timed runs"
+           for name, runs in (("TTFT", ttft_runs), ("prefill", prefill_runs), ("decode", decode_runs))
+           if runs < settings.repeats]
+    if decode_tokens < settings.decode_tokens:
+        cut.append(f"decode: {decode_tokens} of {settings.decode_tokens} tokens per run")
+    return cut
 
 
 def run_job_in_subprocess(job: BenchJob) -> dict[str, Any]:
@@ -183,29 +221,35 @@ def with_ceiling(measured: dict[str, Any], bandwidth_bytes_per_second: float) ->
 
 
 def measure_jobs(jobs: Sequence[BenchJob], bandwidth: float,
-                 on_runner: Callable[[str], None] | None) -> list[dict[str, Any]]:
-    """Each job in its own process, one row each; a job that fails has its error in its row."""
+                 on_runner: Callable[[str, bool], None] | None) -> list[dict[str, Any]]:
+    """Each job in its own process, one row each, with `seconds` (the process's wall time, start to exit); a job
+    that fails has its error in its row. `on_runner(name, finished)` is told when each starts and is done."""
     rows = []
     for job in jobs:
         if on_runner is not None:
-            on_runner(job.spec.name)
+            on_runner(job.spec.name, False)
         row: dict[str, Any] = {"runner": job.spec.name, **job.spec.to_dict()}
+        started = time.perf_counter()
         try:
             row.update(with_ceiling(run_job_in_subprocess(job), bandwidth))
         except (RuntimeError, subprocess.TimeoutExpired) as error:
             row["error"] = str(error)
+        row["seconds"] = time.perf_counter() - started
         rows.append(row)
+        if on_runner is not None:
+            on_runner(job.spec.name, True)
     return rows
 
 
 def bench_all(jobs: Sequence[BenchJob], bandwidth_megabytes: int = 1024,
-              on_runner: Callable[[str], None] | None = None,
+              on_runner: Callable[[str, bool], None] | None = None,
               baseline_jobs: Sequence[BenchJob] = ()) -> dict[str, Any]:
     """Measure the read bandwidth once, then each runner and each baseline in its own process, `rounds` times
     (the jobs' settings); every runner row gets `vs_baselines`, its ratio to each baseline that was measured."""
-    from validation.bandwidth import measure_read_bandwidth
+    from validation.bandwidth import measure_read_bandwidths
 
-    bandwidth = measure_read_bandwidth(bandwidth_megabytes)
+    bandwidths = measure_read_bandwidths(bandwidth_megabytes)
+    bandwidth = max(bandwidths.values())
     every_job = [*jobs, *baseline_jobs]
     settings = every_job[0].settings if every_job else BenchSettings()
     rounds = [measure_round(jobs, baseline_jobs, bandwidth, on_runner, reverse=index % 2 == 1)
@@ -213,11 +257,12 @@ def bench_all(jobs: Sequence[BenchJob], bandwidth_megabytes: int = 1024,
     rows = [combine_rounds([runners[index] for runners, _ in rounds]) for index in range(len(jobs))]
     baselines = [combine_rounds([measured[index] for _, measured in rounds]) for index in range(len(baseline_jobs))]
     return {"read_bandwidth_bytes_per_second": bandwidth, "bandwidth_buffer_megabytes": bandwidth_megabytes,
+            "read_bandwidth_by_kernel": bandwidths,
             "settings": asdict(settings) if every_job else {}, "runners": rows, "baselines": baselines}
 
 
 def measure_round(jobs: Sequence[BenchJob], baseline_jobs: Sequence[BenchJob], bandwidth: float,
-                  on_runner: Callable[[str], None] | None,
+                  on_runner: Callable[[str, bool], None] | None,
                   reverse: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every runner and baseline once → (runner rows with their ratios, baseline rows). Every other round runs
     in reverse order, so the runner measured just before a baseline in one round is measured just after it in
@@ -249,6 +294,8 @@ def combine_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
             combined[metric] = statistics.median(row[metric] for row in rounds)
     if "peak_rss_bytes" in combined:
         combined["peak_rss_bytes"] = max(row["peak_rss_bytes"] for row in rounds)
+    if "seconds" in combined:  # what the runner cost the whole bench: every round's process
+        combined["seconds"] = sum(row["seconds"] for row in rounds)
     if len(rounds) > 1:
         combined["decode_tokens_per_second_by_round"] = [row["decode_tokens_per_second"] for row in rounds]
     # Ratios only to baselines measured in every round (a baseline that failed a round fails its own row).

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -300,9 +301,14 @@ def crashed_result(name: str, spec: dict[str, str], error: BaseException) -> dic
 def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, str], Callable[[], Runner]]],
                 prompts: Sequence[Prompt], heldout_ids: Sequence[int], steps: int,
                 thresholds: Callable[[str], Thresholds],
-                on_runner: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """The reference's own row (its perplexity, verdict "reference") and one compared row per runner. Each
-    runner is opened only when its turn comes and dropped after, so one runtime's memory at a time."""
+                on_runner: Callable[[str, bool], None] | None = None,
+                open_baselines: Iterable[tuple[str, dict[str, str], Callable[[], Runner]]] = ()
+                ) -> list[dict[str, Any]]:
+    """The reference's own row (its perplexity, verdict "reference"), one compared row per runner, then one per
+    baseline (`"baseline": True`, verdict "baseline": measured on the same tokens, judged by no floor). Each
+    runner is opened only when its turn comes and dropped after, so one runtime's memory at a time. Every row
+    has `seconds`, its wall time; `on_runner(name, finished)` is told when each starts and when it is done."""
+    started = time.perf_counter()
     references = reference_runs(reference, prompts, steps)
     reference_logits = reference.teacher_forced(heldout_ids)
     heldout = HeldoutRun(list(heldout_ids), reference_logits, perplexity(reference_logits, heldout_ids))
@@ -310,15 +316,24 @@ def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, s
              "perplexity": heldout.perplexity, "size_bytes": reference.size_bytes,
              "prompts": [{"prompt": run.prompt.name, "prompt_tokens": len(run.prompt.ids),
                           "crosses_window": run.prompt.crosses_window, "reference_tokens": run.tokens}
-                         for run in references]}]
-    for name, spec, open_runner in open_runners:
+                         for run in references], "seconds": time.perf_counter() - started}]
+    judged = [(name, spec, opener, thresholds) for name, spec, opener in open_runners]
+    unjudged = [(name, spec, opener, lambda precision: Thresholds()) for name, spec, opener in open_baselines]
+    for name, spec, open_runner, floors in [*judged, *unjudged]:
         raise_if_interrupted()  # a Ctrl-C swallowed inside the last runtime (coremltools has bare excepts)
         if on_runner is not None:
-            on_runner(name)
+            on_runner(name, False)
+        started = time.perf_counter()
         try:
-            rows.append(compare_opened(open_runner, references, heldout, thresholds))
+            row = compare_opened(open_runner, references, heldout, floors)
         except Exception as error:  # noqa: BLE001 — one broken runtime must not hide the others' verdicts
-            rows.append(crashed_result(name, spec, error))
+            row = crashed_result(name, spec, error)
+        if floors is not thresholds:
+            row.update(baseline=True, verdict="FAIL" if row["verdict"] == "FAIL" else "baseline")
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        if on_runner is not None:
+            on_runner(name, True)
         # A `runner` variable in this loop would keep each runtime alive while the next one opens (two sets of
         # weights at once); reference cycles inside a runtime (modules, sessions) need a collection to go.
         gc.collect()

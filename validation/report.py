@@ -25,7 +25,8 @@ import psutil
 from exporters.artifact import library_versions
 from validation.baselines import RATIO_METRICS
 
-PIECES = ("validation", "bench")
+RESULT_PIECES = ("validation", "bench")
+PIECES = (*RESULT_PIECES, "timings")  # timings: written by `gemma-export all` (its stages)
 ZERO_DIFFERENCE_FLOOR = 1e-9  # where an exact 0 is drawn on the log axis
 EXTRA_VERSIONED_PACKAGES = ("numpy", "tokenizers", "matplotlib", "click")
 
@@ -178,6 +179,10 @@ def markdown(report: dict[str, Any]) -> str:
     skipped = skipped_by_reason(report)
     if skipped:
         lines += ["", "## Skipped", ""] + [f"- {reason}: {', '.join(runners)}" for reason, runners in skipped.items()]
+    gate_rows = gate_baseline_rows(report)
+    if gate_rows:
+        lines += ["", "## Baselines on the same tokens", "", GATE_BASELINE_NOTE, ""]
+        lines += markdown_table(GATE_BASELINE_HEADER, gate_rows)
     baselines = report.get("bench", {}).get("baselines", [])
     if baselines:
         lines += ["", "## Against the baselines", "", baseline_note(report), ""]
@@ -185,6 +190,12 @@ def markdown(report: dict[str, Any]) -> str:
         ratio_rows = ratio_table_rows(report)
         if ratio_rows:
             lines += [""] + markdown_table(RATIO_HEADER, ratio_rows)
+    notes, shortened = shortened_notes(report), shortened_lines(report)
+    if notes:
+        lines += ["", "## Shortened measurements", "", *notes, ""] + [f"- {line}" for line in shortened]
+    timings = timing_rows(report)
+    if timings:
+        lines += ["", "## Where the time went", "", TIMING_NOTE, ""] + markdown_table(TIMING_HEADER, timings)
     return "\n".join(lines) + "\n"
 
 
@@ -226,6 +237,84 @@ def ratio_table_rows(report: dict[str, Any]) -> list[list[str]]:
     return [[row["runner"], baseline, *(number(ratio.get(metric), ".2f") for metric in RATIO_METRICS)]
             for row in report.get("bench", {}).get("runners", [])
             for baseline, ratio in row.get("vs_baselines", {}).items()]
+
+
+# ------------------------------------------------------------------------------ baselines on the same tokens
+
+GATE_BASELINE_NOTE = ("The baselines through the same gate as every runner: the same prompts and held-out text, "
+                      "teacher-forced, against the same fp32 reference. No floor applies to a baseline: it shows how "
+                      "close what a user would run instead is to the model.")
+GATE_BASELINE_HEADER = ["baseline", "precision", "steps", "mean KL", "top-1 %", "perplexity ratio", "max abs Δlogit",
+                        "greedy match", "error"]
+
+
+def gate_baseline_cells(row: dict[str, Any]) -> list[str]:
+    top1 = row.get("top1_agreement")
+    greedy = f"{row['greedy_match_steps']}/{row['greedy_steps']}" if "greedy_match_steps" in row else "—"
+    return [row["backend"], row["precision"], number(row.get("teacher_forced_steps"), "d"),
+            number(row.get("mean_kl_divergence"), ".2e"), "—" if top1 is None else f"{100 * top1:.1f}",
+            number(row.get("perplexity_ratio"), ".4f"), number(row.get("max_abs_logit_diff"), ".2e"), greedy,
+            "; ".join(row["failures"]) if row["verdict"] == "FAIL" else ""]
+
+
+def gate_baseline_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [gate_baseline_cells(row) for row in report.get("validation", {}).get("baselines", [])]
+
+
+# ----------------------------------------------------------------------------------- shortened measurements
+
+SHORTENED_NOTE = ("Where a runner is too slow for every timed run within the bench budget ({budget:g} s per "
+                  "measurement), it got fewer runs or decode tokens: its numbers are medians of what is listed.")
+INTERPRETER_NOTE = ("coreml-mil runs the Core ML program with numpy (validation/mil.py) to check its numerics here; "
+                    "its speed is an interpreter's, not Core ML's on a device.")
+
+
+def shortened_lines(report: dict[str, Any]) -> list[str]:
+    bench = report.get("bench", {})
+    return [f"{row['runner']}: {'; '.join(row['shortened'])}"
+            for row in [*bench.get("runners", []), *bench.get("baselines", [])] if row.get("shortened")]
+
+
+def shortened_notes(report: dict[str, Any]) -> list[str]:
+    """The notes that go with the shortened lines and with interpreter speeds, where they apply."""
+    bench = report.get("bench", {})
+    notes = []
+    if shortened_lines(report):
+        notes.append(SHORTENED_NOTE.format(budget=bench.get("settings", {}).get("budget_s", 0)))
+    if any(row.get("backend") == "coreml-mil" for row in bench.get("runners", [])):
+        notes.append(INTERPRETER_NOTE)
+    return notes
+
+
+# ------------------------------------------------------------------------------------------------ timings
+
+TIMING_NOTE = ("Wall time of each stage and of each runner in it (a runner's validation: opening it and every "
+               "prompt and the held-out text; its bench: its own process, every round).")
+TIMING_HEADER = ["stage", "part", "seconds", "% of stage"]
+
+
+def timing_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Stage totals, each followed by its parts: the exports per format, validate and bench per runner."""
+    rows = []
+    exports = report.get("timings", {}).get("exports", {})
+    if exports:
+        rows += part_rows("export", sum(exports.values()), exports)
+    for stage, piece in (("validate", "validation"), ("bench", "bench")):
+        found = report.get(piece, {})
+        if found.get("seconds") is not None:
+            parts = {row["runner"]: row["seconds"] for row in [*found.get("runners", []), *found.get("baselines", [])]
+                     if row.get("seconds") is not None}
+            rows += part_rows(stage, found["seconds"], parts)
+    total = report.get("timings", {}).get("total_seconds")
+    if total is not None:
+        rows.append(["all", "(the whole command)", f"{total:.0f}", ""])
+    return rows
+
+
+def part_rows(stage: str, seconds: float, parts: dict[str, float]) -> list[list[str]]:
+    share = (lambda value: f"{100 * value / seconds:.0f}") if seconds else (lambda value: "—")
+    return [[stage, "(whole stage)", f"{seconds:.0f}", ""],
+            *([stage, name, f"{value:.0f}", share(value)] for name, value in parts.items())]
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -411,6 +500,30 @@ def html_plot(title: str, png: str | None, caption: str) -> str:
             f"<p class='meta'>{html.escape(caption)}</p>")
 
 
+def html_gate_baselines(report: dict[str, Any]) -> str:
+    rows = gate_baseline_rows(report)
+    if not rows:
+        return ""
+    return (f"<h2>Baselines on the same tokens</h2><p class='meta'>{html.escape(GATE_BASELINE_NOTE)}</p>"
+            + html_table(GATE_BASELINE_HEADER, rows, verdict_column=None))
+
+
+def html_shortened(report: dict[str, Any]) -> str:
+    notes = shortened_notes(report)
+    if not notes:
+        return ""
+    return ("<h2>Shortened measurements</h2>" + "".join(f"<p class='meta'>{html.escape(note)}</p>" for note in notes)
+            + html_list([html.escape(line) for line in shortened_lines(report)]))
+
+
+def html_timings(report: dict[str, Any]) -> str:
+    rows = timing_rows(report)
+    if not rows:
+        return ""
+    return (f"<h2>Where the time went</h2><p class='meta'>{html.escape(TIMING_NOTE)}</p>"
+            + html_table(TIMING_HEADER, rows, verdict_column=None))
+
+
 def html_baselines(report: dict[str, Any]) -> str:
     baselines = report.get("bench", {}).get("baselines", [])
     if not baselines:
@@ -437,7 +550,9 @@ def html_report(report: dict[str, Any]) -> str:
     bandwidth = bench.get("read_bandwidth_bytes_per_second")
     machine_line = (f"{machine['cpu']} · {machine['logical_cores']} logical cores · "
                     f"{machine['ram_bytes'] / 2**30:.0f} GiB RAM · {machine['os']}"
-                    + (f" · read bandwidth {bandwidth / 1e9:.1f} GB/s" if bandwidth else ""))
+                    + (f" · read bandwidth {bandwidth / 1e9:.1f} GB/s (best of "
+                       f"{len(bench.get('read_bandwidth_by_kernel', {})) or 1} read kernels and sizes)"
+                       if bandwidth else ""))
     parts = [
         f"<h1>Validation report: {html.escape(model.get('slug', '?'))}</h1>",
         f"<p class='meta'>Model <code>{html.escape(model.get('model_id', '?'))}</code> · "
@@ -453,7 +568,10 @@ def html_report(report: dict[str, Any]) -> str:
         html_plot("Decode speed", decode_speed_plot(rows, bench.get("baselines", [])),
                   "Orange: the memory-bandwidth ceiling, read bandwidth ÷ weight bytes read per token. Grey: "
                   "baselines."),
+        html_gate_baselines(report),
         html_baselines(report),
+        html_shortened(report),
+        html_timings(report),
         "<h2>Prompts</h2>" + html_list(prompts) if prompts else "",
         f"<h2>Versions</h2><p class='meta'>{html.escape(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}"
         f"</p>",

@@ -155,10 +155,11 @@ class BundleProblem:
 
 
 def load_bundles(artifacts_root: Path, slug: str, formats: Sequence[str], weight_sha256: str,
-                 progress: Callable[[int, int], None] | None = None
+                 progress: Callable[[int, int], None] | None = None, verify: bool = True
                  ) -> tuple[dict[str, Bundle], list[BundleProblem]]:
-    """The verified bundles of `formats` (every file's sha256 checked) that were exported from these weights,
-    and what is wrong with each of the others."""
+    """The verified bundles of `formats` (every file's sha256 checked, unless `verify` is False: for a process
+    whose parent verified them just before starting it) that were exported from these weights, and what is
+    wrong with each of the others."""
     bundles: dict[str, Bundle] = {}
     problems: list[BundleProblem] = []
     for fmt in formats:
@@ -168,7 +169,7 @@ def load_bundles(artifacts_root: Path, slug: str, formats: Sequence[str], weight
                                                f"--format {fmt}", is_error=False))
             continue
         try:
-            bundle = load_bundle(artifacts_root, slug, fmt, progress=progress)
+            bundle = load_bundle(artifacts_root, slug, fmt, verify=verify, progress=progress)
             check_bundle_source(bundle, weight_sha256)
         except UserError as error:
             problems.append(BundleProblem(fmt, str(error), is_error=True))
