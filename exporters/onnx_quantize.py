@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 import onnx_ir as ir
 
-from model.block_grids import BlockGrid, round_to_nearest, stacked
+from model.block_grids import BlockGrid, least_squares_clipped, round_to_nearest, stacked
 from model.gemma3 import Gemma3Model
 from model.weights import EMBEDDING
 
@@ -31,6 +31,11 @@ ACCURACY_LEVEL = 4
 # are rounded: int8, the high-fidelity file, splits every grid into blocks of 16 (the same weights; one more
 # scale per 16); int4, the fast one, keeps blocks of 32 (or the source's own, where smaller).
 BLOCK_SIZE = {8: 16, 4: 32}
+# How a float source's weights are rounded (a quantized source's own grids are carried as they are), picked by
+# benchmarks/float_source_quantizers.py on the gate's numbers: least-squares clipping is closer to the model at
+# 4 bits and the same at 8 (BENCHMARKS.md).
+FLOAT_QUANTIZERS = {"round-to-nearest": round_to_nearest, "least-squares clipped": least_squares_clipped}
+FLOAT_QUANTIZER = "least-squares clipped"
 
 
 def model_grids(model: Gemma3Model, source_grids: Mapping[str, BlockGrid], bits: int) -> dict[str, BlockGrid]:
@@ -46,7 +51,7 @@ def model_grids(model: Gemma3Model, source_grids: Mapping[str, BlockGrid], bits:
             grids[name] = source.with_block_size(min(source.block_size, block_size))
         else:
             grid_bits = max(bits, EMBEDDING_BITS) if name == EMBEDDING else bits
-            grids[name] = round_to_nearest(parameter.float().numpy(), grid_bits, block_size)
+            grids[name] = FLOAT_QUANTIZERS[FLOAT_QUANTIZER](parameter.float().numpy(), grid_bits, block_size)
     return grids
 
 

@@ -80,15 +80,47 @@ def round_to_nearest(weight: np.ndarray, bits: int, block_size: int) -> BlockGri
     widened to include 0, is cut into 2**bits − 1 steps."""
     rows, cols = weight.shape
     blocks = weight.astype(np.float32).reshape(rows, cols // block_size, block_size)
-    low = np.minimum(blocks.min(axis=-1), 0.0)
-    high = np.maximum(blocks.max(axis=-1), 0.0)
+    values, scales, zero_points = rounded_blocks(blocks, bits, 1.0)
+    return BlockGrid(values.reshape(rows, cols).astype(np.uint8), scales, zero_points.astype(np.uint8), None,
+                     block_size, bits, "round-to-nearest")
+
+
+CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # the range shrinks tried per block
+
+
+def least_squares_clipped(weight: np.ndarray, bits: int, block_size: int) -> BlockGrid:
+    """Asymmetric per-block rounding whose range is chosen per block, among the block's full range shrunk by each
+    of CLIP_FACTORS, for the least squared error of the reconstructed weights: clipping a block's one or two
+    outliers buys a finer step for all the others (the search llama.cpp's and AWQ's quantizers make)."""
+    rows, cols = weight.shape
+    blocks = weight.astype(np.float32).reshape(rows, cols // block_size, block_size)
+    best: tuple[np.ndarray, ...] | None = None
+    for factor in CLIP_FACTORS:
+        values, scales, zero_points = rounded_blocks(blocks, bits, factor)
+        error = (((values - zero_points[..., None]) * scales[..., None] - blocks) ** 2).sum(axis=-1)
+        if best is None:
+            best = (error, values, scales, zero_points)
+            continue
+        better = error < best[0]
+        best = tuple(np.where(better[..., None] if kept.ndim == 3 else better, candidate, kept)
+                     for kept, candidate in zip(best, (error, values, scales, zero_points)))
+    assert best is not None
+    _, values, scales, zero_points = best
+    return BlockGrid(values.reshape(rows, cols).astype(np.uint8), scales.astype(np.float32),
+                     zero_points.astype(np.uint8), None, block_size, bits, "least-squares clipped")
+
+
+def rounded_blocks(blocks: np.ndarray, bits: int, factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, scales, zero points) of round-to-nearest over each block's range (widened to 0) times `factor`;
+    values outside the shrunk range clip to the grid's ends."""
+    low = np.minimum(blocks.min(axis=-1), 0.0) * factor
+    high = np.maximum(blocks.max(axis=-1), 0.0) * factor
     top = 2 ** bits - 1
     scales = ((high - low) / top).astype(np.float32)
     scales[scales == 0] = 1.0
     zero_points = np.clip(np.rint(-low / scales), 0, top)
     values = np.clip(np.rint(blocks / scales[..., None]) + zero_points[..., None], 0, top)
-    return BlockGrid(values.reshape(rows, cols).astype(np.uint8), scales, zero_points.astype(np.uint8), None,
-                     block_size, bits, "round-to-nearest")
+    return values, scales, zero_points
 
 
 # ------------------------------------------------------------------------------------------- GGUF block types

@@ -17,7 +17,8 @@ from conftest import gguf_writer, real_bundle_path
 from exporters.coreml import export_many as coreml_export_many
 from exporters.coreml_grids import grids_by_weight
 from exporters.onnx import OnnxDecoder, export_many
-from model.block_grids import GGUF_BLOCK_TYPES, BlockGrid, grid_from_gguf_blocks, round_to_nearest, stacked
+from model.block_grids import (GGUF_BLOCK_TYPES, BlockGrid, grid_from_gguf_blocks, least_squares_clipped,
+                               round_to_nearest, stacked)
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.loading import build_model
@@ -64,6 +65,21 @@ def test_stacked_grids_keep_each_part_and_round_to_nearest_is_within_half_a_step
     rounded = round_to_nearest(weight, 4, 32)
     step = np.repeat(rounded.scales, 32, axis=1)
     assert np.all(np.abs(rounded.weight() - weight) <= step / 2 + 1e-7)
+
+
+def test_least_squares_clipping_never_loses_to_round_to_nearest_and_wins_on_outliers():
+    rng = np.random.default_rng(3)
+    weight = rng.normal(scale=0.02, size=(64, 128)).astype(np.float32)
+    weight[::7, ::29] *= 10  # one outlier in some blocks: clipping it buys a finer step for the rest
+    for bits in (4, 8):
+        plain, clipped = round_to_nearest(weight, bits, 32), least_squares_clipped(weight, bits, 32)
+        assert (clipped.bits, clipped.block_size, clipped.offsets) == (bits, 32, None)
+        assert clipped.values.max() <= 2 ** bits - 1
+        errors = [((grid.weight() - weight) ** 2).reshape(64, 4, 32).sum(-1) for grid in (plain, clipped)]
+        assert np.all(errors[1] <= errors[0] * (1 + 1e-6))  # the full range is one of the candidates
+    plain4, clipped4 = round_to_nearest(weight, 4, 32), least_squares_clipped(weight, 4, 32)
+    error4 = [((grid.weight() - weight) ** 2).sum() for grid in (plain4, clipped4)]
+    assert error4[1] < error4[0]
 
 
 # ---- a small GGUF with every type, through the ONNX exporter ------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from conftest import real_bundle_path
 from exporters.onnx import MODEL_FILES, FullPastBuffer, OnnxDecoder, export, export_many, weight_bytes_per_token
-from exporters.onnx_quantize import quantized_graph
+from exporters.onnx_quantize import BLOCK_SIZE, FLOAT_QUANTIZER, FLOAT_QUANTIZERS, quantized_graph
 from exporters.signature import decoder_io
 from model.block_grids import round_to_nearest
 from model.config import preset
@@ -90,26 +90,16 @@ def top1_agreement(logits: np.ndarray, reference: np.ndarray) -> float:
     return float((logits.argmax(-1) == reference.argmax(-1)).mean())
 
 
-def round_to_nearest_blocks(weight: torch.Tensor, bits: int, block_size: int = 32) -> torch.Tensor:
-    """What MatMulNBits/GatherBlockQuantized store: asymmetric blocks of 32 along the input axis, 0 exactly
-    representable."""
-    blocks = weight.reshape(weight.shape[0], -1, block_size)
-    low, high = blocks.amin(-1, keepdim=True).clamp(max=0), blocks.amax(-1, keepdim=True).clamp(min=0)
-    levels = 2 ** bits - 1
-    scale = (high - low) / levels
-    zero_point = torch.round(-low / scale)
-    quantized = torch.clamp(torch.round(blocks / scale) + zero_point, 0, levels)
-    return ((quantized - zero_point) * scale).reshape(weight.shape)
-
-
 def int4_twin(model):
-    """PyTorch twin of the int4 file of a float model: every linear layer rounded to 4 bits, the embedding (=
-    LM head) to 8."""
+    """PyTorch twin of the int4 file of a float model: every linear layer on the float-source grid of 4 bits, the
+    embedding (= LM head) of 8 (the grids are model/block_grids.py's, tested there; this pins the graph)."""
+    quantize = FLOAT_QUANTIZERS[FLOAT_QUANTIZER]
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for name, parameter in twin.named_parameters():
             if parameter.dim() == 2:
-                parameter.copy_(round_to_nearest_blocks(parameter, 8 if name == EMBEDDING else 4))
+                grid = quantize(parameter.numpy(), 8 if name == EMBEDDING else 4, BLOCK_SIZE[4])
+                parameter.copy_(torch.from_numpy(grid.weight()))
     return twin
 
 
