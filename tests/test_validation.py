@@ -228,6 +228,31 @@ def test_a_runner_with_nan_logits_fails_by_name_in_every_report_format_and_gets_
     assert [row["runner"] for row in speed_rows] == [healthy.name]
 
 
+def test_report_lists_shortened_measurements_interpreter_speed_and_where_the_time_went(tmp_path):
+    """A runner the bench budget cut is named with what was cut; an interpreter's speed is marked as such; the
+    time table has each stage with its runners' shares."""
+    mil = {"runner": "coreml-mil fp32 numpy", "backend": "coreml-mil", "precision": "fp32", "device": "numpy",
+           "decode_tokens_per_second": 2.0, "ceiling_tokens_per_second": 40.0, "seconds": 60.0,
+           "shortened": ["decode: 1 of 3 timed runs", "decode: 48 of 256 tokens per run"]}
+    onnx = {"runner": "onnxruntime int4 cpu", "backend": "onnxruntime", "precision": "int4", "device": "cpu",
+            "decode_tokens_per_second": 60.0, "ceiling_tokens_per_second": 90.0, "seconds": 20.0}
+    save_piece(tmp_path, "bench", {"runners": [mil, onnx], "skipped": [], "baselines": [], "seconds": 100.0,
+                                   "settings": {"budget_s": 30.0, "rounds": 1}})
+    save_piece(tmp_path, "timings", {"exports": {"onnx": 120.0, "coreml": 280.0}, "total_seconds": 900.0})
+    paths = report_module.write_report(tmp_path)
+    markdown = paths["md"].read_text()
+    section = markdown.split("## Shortened measurements")[1].split("## ")[0]
+    assert "30 s per measurement" in section and "interpreter's" in section
+    assert "- coreml-mil fp32 numpy: decode: 1 of 3 timed runs; decode: 48 of 256 tokens per run" in section
+    assert "onnxruntime int4 cpu" not in section
+    for line in ("| export | (whole stage) | 400 |  |", "| export | coreml | 280 | 70 |",
+                 "| bench | (whole stage) | 100 |  |", "| bench | coreml-mil fp32 numpy | 60 | 60 |",
+                 "| bench | onnxruntime int4 cpu | 20 | 20 |", "| all | (the whole command) | 900 |  |"):
+        assert line in markdown, line
+    html_text = paths["html"].read_text()
+    assert "Shortened measurements" in html_text and "Where the time went" in html_text
+
+
 @pytest.mark.parametrize("diverge_at", [None, 0, 3, 7])
 def test_greedy_and_forced_equals_two_separate_passes(diverge_at):
     """One greedy pass gives the teacher-forced logits up to the first divergence; after it the rest is
