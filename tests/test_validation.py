@@ -27,8 +27,8 @@ from model.config import PRESETS
 from model.errors import UserError
 from validation import report as report_module
 from validation.bench import BenchSettings
-from validation.compare import (THRESHOLDS, Prompt, Thresholds, compare_all, failures, greedy_and_forced, greedy_run,
-                                load_prompts, matching_prefix, step_metrics, teacher_forced_logits, thresholds_for)
+from validation.compare import (THRESHOLDS, Prompt, Thresholds, compare_all, crashed_result, failures,
+                                greedy_and_forced, greedy_run, load_prompts, matching_prefix, step_metrics, teacher_forced_logits, thresholds_for)
 from validation.report import save_piece
 from validation.runners import (BACKENDS, REFERENCE_SPEC, Host, Runner, RunnerSpec, Selection, available_specs,
                                 load_bundles, make_runner, unavailable_reason)
@@ -139,6 +139,16 @@ def test_step_metrics_and_failures_name_the_criterion():
     assert failures(nan_summary, prompts, Thresholds(min_top1_agreement=0.5, max_mean_kl_divergence=1.0)) == [
         "1 NaN/Inf logits", "mean KL nan > 1", "top-1 agreement nan% < 50%"]
 
+
+
+def test_a_runner_that_raised_fails_with_the_error_line_the_cli_prints():
+    spec = RunnerSpec("onnxruntime", "fp32", "cpu")
+    with_fix = crashed_result(spec.name, spec.to_dict(), UserError("file is truncated", "re-export it"))
+    without_fix = crashed_result(spec.name, spec.to_dict(), UserError("file is truncated"))
+    crashed = crashed_result(spec.name, spec.to_dict(), ValueError("bad shape"))
+    assert [row["failures"] for row in (with_fix, without_fix, crashed)] == [
+        ["file is truncated; re-export it"], ["file is truncated"], ["crashed: ValueError: bad shape"]]
+    assert with_fix["verdict"] == "FAIL" and with_fix["runner"] == spec.name
 
 class ContextRunner:
     """A toy runner whose logits are a function of its whole context; counts the steps it was asked for."""

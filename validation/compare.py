@@ -292,8 +292,7 @@ def compare_opened(open_runner: Callable[[], Runner], references: Sequence[Refer
 
 def crashed_result(name: str, spec: dict[str, str], error: BaseException) -> dict[str, Any]:
     """A runner that raised while opening or running fails with the error as its reason."""
-    reason = (f"{error.cause}; {error.fix}" if isinstance(error, UserError)
-              else f"crashed: {type(error).__name__}: {error}")
+    reason = str(error) if isinstance(error, UserError) else f"crashed: {type(error).__name__}: {error}"
     return {"runner": name, **spec, "verdict": "FAIL", "failures": [reason], "prompts": []}
 
 
