@@ -107,6 +107,7 @@ def test_threshold_table_and_overrides():
     tiny, real = PRESETS["tiny"], PRESETS["270m"]
     assert thresholds_for("fp32", tiny) == Thresholds(max_abs_logit_diff=1e-3, greedy_identical=True)
     assert thresholds_for("fp32", real).max_abs_logit_diff == 5e-3
+    assert THRESHOLDS["fp32"].max_abs_logit_diff is None  # the limit is the model scale's, not a table default
     precisions = ("fp16", "bf16", "int8", "int4")
     assert [THRESHOLDS[p].min_top1_agreement for p in precisions] == [0.99, 0.99, 0.97, 0.92]
     assert [THRESHOLDS[p].max_mean_kl_divergence for p in precisions] == [0.001, 0.001, 0.01, 0.02]
