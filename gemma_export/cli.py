@@ -11,7 +11,7 @@ import torch
 
 from exporters.artifact import Bundle
 from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle
-from gemma_export.errors import entry_point
+from gemma_export.errors import debug_option, entry_point
 from gemma_export.progress import StepProgress
 from gemma_export.validation_commands import (finish, perplexity_tokens_option, run_bench, run_validation,
                                               selection_from, write_report)
@@ -24,8 +24,8 @@ from model.loading import DEFAULT_MODEL, DTYPES, load
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def cli(debug: bool) -> None:
+@debug_option
+def cli() -> None:
     """Export Gemma 3 to TorchScript, ONNX and Core ML, and prove the exports equal the reference."""
 
 

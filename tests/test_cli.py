@@ -56,3 +56,12 @@ def test_debug_shows_the_traceback():
     result = gemma_export("--debug", "generate", "--model", "no-such-model", "--prompt", "x")
     assert result.returncode == 2
     assert "Traceback" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_debug_is_the_group_option_not_any_word_of_the_command_line():
+    """`--debug` as an option's value (here the prompt) is text to that option, not a request for tracebacks."""
+    result = gemma_export("generate", "--model", "no-such-model", "--prompt", "--debug")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown model id 'no-such-model'; use gemma-3-270m, random:tiny|270m|1b, a hub id like "
+        "google/gemma-3-270m, a .gguf file or a model folder"]
