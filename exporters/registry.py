@@ -86,7 +86,7 @@ def export_bundle(loaded: LoadedModel, fmt: str, precisions: list[str], artifact
             fields["precision"] = variant_key(variant)
             bundle.add_variant(**fields)
         return bundle.finish(config=weights.config, tokenizer=loaded.tokenizer,
-                             source={"model_id": weights.source_id, "weight_sha256": weights.weight_sha256},
+                             source={"model_id": weights.source_label, "weight_sha256": weights.weight_sha256},
                              options={"precisions": precisions}, progress=None)
 
 

@@ -12,6 +12,7 @@ import torch
 from exporters.artifact import Bundle
 from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle
 from gemma_export.errors import debug_option, entry_point
+from gemma_export.options import model_options
 from gemma_export.progress import StepProgress
 from gemma_export.validation_commands import (finish, perplexity_tokens_option, run_bench, run_validation,
                                               selection_from, write_report)
@@ -20,7 +21,7 @@ from validation.bench import BenchSettings
 from validation.runners import IN_MEMORY_FORMAT, REFERENCE_PRECISION
 from model.errors import UserError
 from model.generate import GenerationResult, Sampling, generate
-from model.loading import DEFAULT_MODEL, DTYPES, load
+from model.loading import DTYPES, load
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,15 +30,8 @@ def cli() -> None:
     """Export Gemma 3 to TorchScript, ONNX and Core ML, and prove the exports equal the reference."""
 
 
-def model_options(function):
-    function = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")(function)
-    return click.option("--model", "model_id", default=DEFAULT_MODEL, show_default=True,
-                        help="gemma-3-270m (embedded, offline), random:tiny|270m|1b, a hub id, a .gguf file "
-                             "or a model folder.")(function)
-
-
 @cli.command("generate")
-@model_options
+@model_options()
 @click.option("--prompt", required=True, help="Text to continue (or the user message with --chat).")
 @click.option("--max-new-tokens", type=click.IntRange(0, 32_768), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default="cpu", show_default=True)
@@ -92,7 +86,7 @@ requantize_option = click.option(
 
 
 @cli.command("export")
-@model_options
+@model_options()
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), required=True)
 @click.option("--precision", "precisions", multiple=True,
               help="Repeatable. torchscript: fp32|bf16|fp16; onnx: fp32|fp16|int8|int4; coreml: fp16|fp32|int8|int4.")
@@ -126,7 +120,7 @@ def bundle_summary(bundle: Bundle, seconds: float) -> str:
 
 
 @cli.command("all")
-@model_options
+@model_options()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 @click.option("--formats", multiple=True, type=click.Choice(list(FORMATS)), help="Repeatable; default: all.")
 @click.option("--precisions", "precision_filters", multiple=True,

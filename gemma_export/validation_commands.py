@@ -14,7 +14,9 @@ import click
 from tqdm import tqdm
 
 from model.errors import UserError
-from model.loading import DEFAULT_MODEL, LoadedModel, load
+from gemma_export.options import model_options
+from model.loading import LoadedModel, load
+from model.weights import DEFAULT_MODEL, source_slug
 from validation import report as report_files
 from validation.baselines import BASELINE_CHOICES, baseline_model_files, baseline_spec, check_baselines
 from validation.bench import BenchJob, BenchSettings, bench_all
@@ -69,7 +71,7 @@ def is_error(problem: BundleProblem, selection: Selection) -> bool:
 
 def model_entry(loaded: LoadedModel) -> dict[str, str]:
     weights = loaded.weights
-    return {"model_id": weights.source_id, "slug": weights.slug, "weight_sha256": weights.weight_sha256}
+    return {"model_id": weights.source_label, "slug": weights.slug, "weight_sha256": weights.weight_sha256}
 
 
 def run_validation(loaded: LoadedModel, artifacts_root: Path, selection: Selection = Selection(),
@@ -114,8 +116,8 @@ def run_bench(loaded: LoadedModel, artifacts_root: Path, selection: Selection = 
     baselines = list(dict.fromkeys(baselines))
     check_baselines(baselines, weights)
     specs, _, skipped, errors = prepare(loaded, artifacts_root, selection)
-    jobs = [BenchJob(spec, str(artifacts_root), weights.slug, weights.source_id, weights.weight_sha256, settings)
-            for spec in specs]
+    jobs = [BenchJob(spec, str(artifacts_root), weights.slug, weights.source_id, weights.weight_sha256, settings,
+                     revision=weights.revision) for spec in specs]
     with baseline_model_files(weights) if baselines else contextlib.nullcontext() as files:
         baseline_jobs = [BenchJob(baseline_spec(name, files), str(artifacts_root), weights.slug, weights.source_id,
                                   weights.weight_sha256, settings, model_path=str(files.path_for(name)))
@@ -159,8 +161,7 @@ def finish(outcome: Outcome, paths: dict[str, Path], what: str) -> None:
 
 def selection_options(function: Any) -> Any:
     options = [
-        click.option("--model", "model_id", default=DEFAULT_MODEL, show_default=True,
-                     help="The model the bundles were exported from (the reference)."),
+        model_options("The model the bundles were exported from (the reference)."),
         click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"),
                      show_default=True, help="Artifacts root holding <model>/<format>/ bundles."),
         click.option("--formats", multiple=True, type=click.Choice(FORMAT_CHOICES),
@@ -201,13 +202,13 @@ perplexity_tokens_option = click.option(
               help="Override the max |Δlogit| limit (default: fp32 1e-3 tiny / 5e-3 real; none for others).")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
               help="Override the top-1 agreement floor, as a fraction (default: fp16/bf16 0.99, int8 0.98, int4 0.97).")
-def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
+def validate_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
                      devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
                      max_new_tokens: int, perplexity_tokens: int, threads: int, max_logit_diff: float | None,
                      min_top1: float | None) -> None:
     """Compare every exported runner with the PyTorch reference; write artifacts/<model>/report/."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)
-    loaded = load(model_id)
+    loaded = load(model_id, revision=revision)
     outcome = run_validation(loaded, out_dir, selection, max_new_tokens, max_logit_diff, min_top1, threads,
                              perplexity_tokens)
     finish(outcome, write_report(out_dir, loaded.weights.slug), "validation")
@@ -230,14 +231,14 @@ def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], pre
               help="Repeatable: also measure what a user would run instead, in the same run, and report every "
                    "runner's ratio to it. llama.cpp needs a GGUF model and pip install -e \".[baseline]\"; "
                    "transformers runs the same weights in fp32.")
-def bench_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
+def bench_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
                   devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
                   threads: int, decode_tokens: int, prefill_tokens: int, repeats: int, rounds: int,
                   bandwidth_mb: int, baselines: tuple[str, ...]) -> None:
     """Measure load time, TTFT, prefill/decode tok/s, peak RSS and % of the bandwidth ceiling per runner, and
     with --baseline each runner's ratio to llama.cpp and/or transformers."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)
-    loaded = load(model_id)
+    loaded = load(model_id, revision=revision)
     settings = BenchSettings(threads=threads, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                              repeats=repeats, rounds=rounds)
     outcome = run_bench(loaded, out_dir, selection, settings, bandwidth_mb, baselines)
@@ -249,9 +250,7 @@ def bench_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precis
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 def report_command(model_id: str, out_dir: Path) -> None:
     """Render report.json / report.md / report.html from the saved validate and bench results."""
-    from model.weights import load_weights
-
-    paths = write_report(out_dir, load_weights(model_id).slug)
+    paths = write_report(out_dir, source_slug(model_id))
     click.echo(f"report: {paths['md']}  {paths['html']}")
 
 

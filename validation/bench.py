@@ -64,6 +64,7 @@ class BenchJob:
     weight_sha256: str
     settings: BenchSettings
     model_path: str = ""  # the GGUF file or Hugging Face folder a baseline opens; "" for our runners
+    revision: str | None = None  # the hub revision of model_id, if one was asked for
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "spec": self.spec.to_dict()})
@@ -123,7 +124,7 @@ def run_job(job: BenchJob) -> dict[str, Any]:
     settings = job.settings
     set_thread_count(settings.threads)
     backend = BACKENDS[job.spec.backend]
-    model = load(job.model_id).model if backend.bundle_format is None else None
+    model = load(job.model_id, revision=job.revision).model if backend.bundle_format is None else None
     bundles, problems = ({}, []) if model is not None else load_bundles(
         Path(job.artifacts_root), job.slug, [backend.bundle_format], job.weight_sha256)
     if problems:

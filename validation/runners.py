@@ -182,7 +182,7 @@ def check_bundle_source(bundle: Bundle, weight_sha256: str) -> None:
     if source.get("weight_sha256") != weight_sha256:
         raise UserError(f"{bundle.path} was exported from other weights ({source.get('model_id')}, sha256 "
                         f"{str(source.get('weight_sha256'))[:12]}…) than the model being validated "
-                        f"(sha256 {weight_sha256[:12]}…)", "re-export it from this model, or pass its --model")
+                        f"(sha256 {weight_sha256[:12]}…)", "re-export it from this model, or pass its --model (and --revision)")
 
 
 # -------------------------------------------------------------------------------------------------- specs
