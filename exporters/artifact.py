@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.interrupts import raise_if_interrupted, signals_deferred
+from model.weights import safe_slug
 
 SCHEMA_VERSION = 1
 FORMATS = ("torchscript", "onnx", "coreml")
@@ -56,23 +57,11 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- names
 
-def safe_slug(text: str) -> str:
-    """A folder name for a model id or path: `google/gemma-3-270m` -> `google--gemma-3-270m`."""
-    slug = str(text).strip().replace("/", "--").replace("\\", "--")
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", slug)
-    # `..` would name a parent folder, a leading dot hides the folder (and marks our temp folders), and a
-    # leading dash reads as a command-line option.
-    slug = re.sub(r"\.{2,}", ".", slug).strip(".-")
-    if not slug:
-        raise UserError(f"cannot make a folder name from {text!r}", "pass a model id or slug with letters or digits")
-    return slug
-
-
 def _check_slug_and_format(slug: str, fmt: str) -> None:
     """A safe slug is one plain folder name, so `<root>/<slug>/<format>` cannot leave the root."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
-    if not isinstance(slug, str) or slug != safe_slug(slug):
+    if not isinstance(slug, str) or slug != safe_slug(slug):  # the weights loader's slugs are all fixed points
         raise UserError(f"model slug {slug!r} is not a safe folder name",
                         f"use {safe_slug(slug)!r} (letters, digits, '-', '_' and '.')")
 

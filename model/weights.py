@@ -555,8 +555,10 @@ def folder_slug(folder: Path) -> str:
 
 
 def safe_slug(name: str) -> str:
-    """A folder name for artifacts/<slug>/: `owner/name` → `owner--name`; never '/', '..' or a leading dot."""
+    """A folder name for artifacts/<slug>/: `owner/name` → `owner--name`; never '/', '..' or a leading dot. The
+    bundle writer accepts a slug only when this function gives it back unchanged."""
     slug = re.sub(r"[^A-Za-z0-9._-]", "-", name.replace("/", "--").replace("\\", "--"))
-    # Trailing dots and dashes go too: exporters.artifact.safe_slug strips them, and must get this slug back.
+    # `..` would name a parent folder, a leading dot hides the folder (and marks the staging folders), a leading
+    # dash reads as a command-line option; trailing ones go too, so that a slug is its own slug.
     slug = re.sub(r"\.{2,}", ".", slug).lstrip(".-")[:120].rstrip(".-")
     return slug or "model"
