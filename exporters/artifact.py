@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable
 
 from model.config import Gemma3Config
 from model.errors import UserError
+from model.files import fsync_path, write_atomic
 from model.interrupts import raise_if_interrupted, signals_deferred
 from model.weights import safe_slug
 
@@ -176,32 +177,17 @@ def _verify_files(bundle_dir: Path, entries: list[dict], progress: Progress | No
 
 # ---------------------------------------------------------------------------------- durable file system
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _sync_tree(folder: Path) -> None:
     """Flush every file and folder so that, after a power cut, a manifest never vouches for data that was
     still only in the page cache."""
     for directory, _, names in os.walk(folder):
         for name in names:
-            _fsync(Path(directory, name))
-        _fsync(Path(directory))
+            fsync_path(Path(directory, name))
+        fsync_path(Path(directory))
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync(path.parent)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
@@ -234,7 +220,7 @@ def _publish(staging: Path, target: Path) -> None:
             if previous is not None:
                 os.rename(previous, target)
             raise
-        _fsync(target.parent)
+        fsync_path(target.parent)
         if previous is not None:
             _remove_bundle_folder(previous)
 

@@ -17,6 +17,7 @@ from exporters import artifact
 from exporters.artifact import BundleWriter, load_bundle
 from model.config import PRESETS
 from model.errors import UserError
+from model.files import write_atomic
 from model.weights import safe_slug
 
 REPO = Path(__file__).resolve().parents[1]
@@ -406,3 +407,17 @@ def test_forgetting_finish_is_a_programming_error(tmp_path):
         with BundleWriter(tmp_path, "tiny", "onnx"):
             pass
     assert not (tmp_path / "tiny" / "onnx").exists() and leftovers(tmp_path) == []
+
+
+def test_an_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """model.files.write_atomic, the one writer of manifests, reports and tokenizer.json."""
+    path = tmp_path / "report" / "report.md"
+    write_atomic(path, "old")
+
+    def full_disk_fsync(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk_fsync)
+    with pytest.raises(OSError):
+        write_atomic(path, "new")
+    assert path.read_text(encoding="utf-8") == "old" and [p.name for p in path.parent.iterdir()] == ["report.md"]

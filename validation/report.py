@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from exporters.artifact import library_versions
+from model.files import write_atomic
 from validation.baselines import RATIO_METRICS
 
 PIECES = ("validation", "bench")
@@ -32,13 +33,6 @@ EXTRA_VERSIONED_PACKAGES = ("numpy", "tokenizers", "matplotlib", "click")
 
 def report_dir(artifacts_root: Path, slug: str) -> Path:
     return Path(artifacts_root) / slug / "report"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def json_safe(value: Any) -> Any:

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from exporters.artifact import FORMATS, Bundle, BundleVariant, load_bundle
+from exporters.coreml import COMPUTE_UNITS as COREML_COMPUTE_UNITS
 from model.errors import UserError
 from model.gemma3 import Gemma3Model
 
 TORCH_DEVICES = ("cpu", "cuda", "mps")
 # ONNX Runtime execution providers by their short names (the CLI takes either form).
 ONNX_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "coreml": "CoreMLExecutionProvider"}
-COREML_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 # The reference generator's cache: enough for every validation prompt and benchmark run on every preset.
 DEFAULT_MAX_LENGTH = 2048
 
