@@ -29,8 +29,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
+from exporters.progress import ByteProgress
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.files import fsync_path, write_atomic
@@ -50,8 +51,6 @@ REQUIRED_FIELDS: dict[str, type] = {
 }
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 LOCK_POLL_SECONDS = 0.1
-
-Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ def _owned_by(path: str, main_files: Iterable[str]) -> bool:
 
 # -------------------------------------------------------------------------------------------- hashing
 
-def file_sha256(path: Path, progress: Progress | None = None) -> str:
+def file_sha256(path: Path, progress: ByteProgress | None = None) -> str:
     """Streamed in 1 MiB blocks: a model file never has to fit in memory."""
     digest = hashlib.sha256()
     size = os.path.getsize(path)
@@ -140,7 +139,7 @@ def _bundle_files(bundle_dir: Path) -> list[str]:
     return sorted(path for path in found if path != MANIFEST)
 
 
-def _file_entries(bundle_dir: Path, known: dict[str, dict], progress: Progress | None) -> list[dict]:
+def _file_entries(bundle_dir: Path, known: dict[str, dict], progress: ByteProgress | None) -> list[dict]:
     """{path, size, sha256} per file. `known` holds entries of files linked from a bundle verified moments
     ago; hashing them again would only cost time."""
     paths = _bundle_files(bundle_dir)
@@ -156,7 +155,7 @@ def _file_entries(bundle_dir: Path, known: dict[str, dict], progress: Progress |
     return entries
 
 
-def _verify_files(bundle_dir: Path, entries: list[dict], progress: Progress | None) -> None:
+def _verify_files(bundle_dir: Path, entries: list[dict], progress: ByteProgress | None) -> None:
     # Sizes first: a missing or truncated file fails in milliseconds rather than after hashing the rest.
     for entry in entries:
         path = bundle_dir / entry["path"]
@@ -419,7 +418,7 @@ def _read_manifest(bundle_dir: Path) -> dict[str, Any]:
 
 
 def load_bundle(path_or_root: str | os.PathLike, slug: str | None = None, fmt: str | None = None,
-                verify: bool = True, progress: Progress | None = None) -> Bundle:
+                verify: bool = True, progress: ByteProgress | None = None) -> Bundle:
     """The bundle at `path_or_root`, or at `path_or_root/<slug>/<fmt>` when both are given; with `verify`
     every file's size and sha256 is checked against the manifest."""
     bundle_dir = Path(path_or_root)
@@ -526,7 +525,7 @@ class BundleWriter:
         self._variants[precision] = entry
 
     def finish(self, config: Gemma3Config, tokenizer: Any, source: dict[str, Any],
-               options: dict[str, Any] | None = None, progress: Progress | None = None) -> Bundle:
+               options: dict[str, Any] | None = None, progress: ByteProgress | None = None) -> Bundle:
         """Write config.json and tokenizer.json, hash everything, write the manifest last and publish.
         `source` holds model_id and weight_sha256; the slug is added."""
         if self._lock is None or self._finished:

@@ -36,7 +36,7 @@ import copy
 import gc
 import math
 import platform
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporters.coreml_grids import with_source_grids
+from exporters.progress import Progress, report
 from exporters.signature import ExportedVariant, tensor_spec
 from model.block_grids import BlockGrid
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.gemma3 import Gemma3Model, RMSNorm, apply_rope
-from model.interrupts import raise_if_interrupted
 from model.weights import EMBEDDING
 
 PRECISIONS = ("fp16", "fp32", "int8", "int4")
@@ -68,9 +68,6 @@ FP16_SMALLEST_NORMAL = 2.0 ** -14
 INT4_BLOCK_SIZE = 32
 GEMMA_LICENSE = "Gemma Terms of Use: https://ai.google.dev/gemma/terms"
 COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
-
-Progress = Callable[[str], None] | None
-
 
 class PeakScaledRMSNorm(nn.Module):
     """Gemma's RMSNorm, fp16-safe: x is divided by its max |x| first, so squares stay ≤ 1.
@@ -358,12 +355,6 @@ def input_ids_shape(query_lengths: tuple[int, ...]) -> Any:
     if len(query_lengths) == 1:
         return (1, query_lengths[0])
     return ct.EnumeratedShapes([(1, n) for n in query_lengths], default=(1, 1))
-
-
-def report(progress: Progress, step: str) -> None:
-    raise_if_interrupted()  # between steps: stop at once after a Ctrl-C that the last step's library swallowed
-    if progress is not None:
-        progress(step)
 
 
 def state_types(names: list[str], shape: tuple[int, ...]) -> list[Any]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import gc
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,9 @@ from torch.export import Dim
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.gemma3 import Attention, FeedForward, Gemma3Model, RMSNorm, apply_rope, attention_mask_for
-from model.interrupts import raise_if_interrupted
 from model.kv_cache import ConcatKVCache, ConcatLayerKVCache
 from exporters.onnx_quantize import ACCURACY_LEVEL, model_grids, quantized_model_graph
+from exporters.progress import Progress, report
 from exporters.signature import ExportedVariant, decoder_io, past_names, tensor_spec
 from model.block_grids import BlockGrid
 
@@ -71,8 +71,6 @@ SLIDING_PAST_AXIS = "sliding_past"
 # Model metadata (`custom_metadata_map` in onnxruntime): the window, for a loop that cuts sliding pasts.
 SLIDING_WINDOW_KEY = "gemma3.sliding_window"
 
-Progress = Callable[[str], None] | None
-
 
 def export(model: Gemma3Model, out_dir: Path, precision: str = "fp32", progress: Progress = None) -> ExportedVariant:
     """Write `MODEL_FILES[precision]` and its external data into `out_dir`; return what was written."""
@@ -91,39 +89,34 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], pr
         raise UserError(f"ONNX export needs the float32 model, got {model.embed_tokens.weight.dtype}",
                         "load the model with dtype float32; precision variants are made by the exporter")
 
-    def report(step: str) -> None:
-        raise_if_interrupted()  # between steps: stop at once after a Ctrl-C that a library swallowed
-        if progress is not None:
-            progress(step)
-
-    report("export")
+    report(progress, "export")
     traced = export_graph(decoder_for(model.eval()), model.config)
-    report("optimize")
+    report(progress, "optimize")
     onnxscript.optimizer.optimize(traced)
     traced = with_new_only_full_presents(with_logits_to_keep(traced), model.config)
     variants = {}
     for precision in sorted(precisions, key=lambda precision: precision == "fp16"):  # fp16 changes `traced`: last
         graph, grids = traced, None
         if precision in QUANTIZED_BITS:
-            report("quantize")
+            report(progress, "quantize")
             grids = model_grids(model, source_grids or {}, QUANTIZED_BITS[precision])
             graph = quantized_model_graph(traced, model, grids)  # a new graph: `traced` stays as it was
         elif precision == "fp16":
-            report("float16")
+            report(progress, "float16")
             graph = with_float16_weights(traced)
         variants[precision] = save_variant(graph, Path(out_dir) / MODEL_FILES[precision], precision, model.config,
-                                           report, grids)
+                                           progress, grids)
         del graph
         gc.collect()  # an IR graph is a web of cycles (nodes ↔ graph): freed by the collector, not by `del`
     return [variants[precision] for precision in precisions]
 
 
 def save_variant(graph: ir.Model, model_path: Path, precision: str, config: Gemma3Config,
-                 report: Callable[[str], None], grids: Mapping[str, BlockGrid] | None = None) -> ExportedVariant:
+                 progress: Progress, grids: Mapping[str, BlockGrid] | None = None) -> ExportedVariant:
     data_name = external_data_name(model_path.name)
-    report("save")
+    report(progress, "save")
     ir.save(graph, model_path, external_data=data_name)
-    report("check")
+    report(progress, "check")
     onnx.checker.check_model(str(model_path))
     check_edge_shapes(model_path)
     kv_dtype = "float32"

@@ -20,11 +20,11 @@ import torch
 import torch.fx.experimental._config as symbolic_shapes_config
 from torch import nn
 
+from exporters.progress import Progress, report
 from exporters.signature import ExportedVariant, decoder_io
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.gemma3 import Gemma3Model
-from model.interrupts import raise_if_interrupted
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METADATA_FILE = "decoder.json"
@@ -34,9 +34,6 @@ EXAMPLE_SHAPES = {"batch": 2, "seq": 3, "past": 4}
 # Logit tolerance of the verification against the eager model of the same precision (both run the same
 # kernels: the measured difference is 0 on the tiny model, and within these on the real one).
 VERIFY_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
-
-Progress = Callable[[str], None] | None
-
 
 class ExplicitCacheDecoder(nn.Module):
     """`forward_with_past` with flat tensors in and out: the form tracers and exporters accept."""
@@ -94,12 +91,6 @@ def export_exported_program(model: Gemma3Model, out_dir: Path, precision: str = 
                "backed_size_oblivious": True, "dynamic_dims": ["batch", "seq", "past"],
                "torch_version": torch.__version__}
     return variant(decoder.model.config, precision, path.name, options)
-
-
-def report(progress: Progress, step: str) -> None:
-    raise_if_interrupted()  # between steps: stop at once after a Ctrl-C that the last step's library swallowed
-    if progress is not None:
-        progress(step)
 
 
 def file_stem(precision: str) -> str:

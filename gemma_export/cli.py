@@ -10,10 +10,10 @@ import click
 import torch
 
 from exporters.artifact import Bundle
+from exporters.progress import StepProgress
 from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle
 from gemma_export.errors import debug_option, entry_point
 from gemma_export.options import model_options
-from gemma_export.progress import StepProgress
 from gemma_export.validation_commands import (finish, perplexity_tokens_option, run_bench, run_validation,
                                               selection_from, write_report)
 from gemma_export.validation_commands import register as register_validation_commands

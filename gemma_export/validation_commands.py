@@ -13,6 +13,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from exporters.progress import byte_progress_bar
 from model.errors import UserError
 from gemma_export.options import model_options
 from model.loading import LoadedModel, load
@@ -41,22 +42,12 @@ def bundle_formats(formats: Sequence[str] | None) -> list[str]:
     return [fmt for fmt in (formats or FORMAT_CHOICES) if fmt != IN_MEMORY_FORMAT]
 
 
-def hash_progress(description: str) -> Any:
-    bar = tqdm(desc=description, unit="B", unit_scale=True, leave=False)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-    return bar, update
-
-
 def prepare(loaded: LoadedModel, artifacts_root: Path, selection: Selection
             ) -> tuple[list[RunnerSpec], dict[str, Any], list[dict[str, str]], list[str]]:
     """Verify the bundles and pick the runners: (specs, bundles, skipped entries, bundle errors). Explicitly
     requested formats without a bundle are errors; others are only skipped."""
     weights = loaded.weights
-    bar, update = hash_progress("verify bundles")
+    bar, update = byte_progress_bar("verify bundles")
     with bar:
         bundles, problems = load_bundles(artifacts_root, weights.slug, bundle_formats(selection.formats),
                                          weights.weight_sha256, progress=update)
