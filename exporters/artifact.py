@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from exporters.progress import ByteProgress
+from exporters.registry import FORMATS
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.files import fsync_path, write_atomic
@@ -39,7 +40,6 @@ from model.interrupts import raise_if_interrupted, signals_deferred
 from model.weights import safe_slug
 
 SCHEMA_VERSION = 1
-FORMATS = ("torchscript", "onnx", "coreml")
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 CONFIG = "config.json"

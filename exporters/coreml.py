@@ -47,6 +47,7 @@ from torch import nn
 
 from exporters.coreml_grids import with_source_grids
 from exporters.progress import Progress, report
+from exporters.registry import FORMATS, check_precisions
 from exporters.signature import ExportedVariant, tensor_spec
 from model.block_grids import BlockGrid
 from model.config import Gemma3Config
@@ -54,7 +55,7 @@ from model.errors import UserError
 from model.gemma3 import Gemma3Model, RMSNorm, apply_rope
 from model.weights import EMBEDDING
 
-PRECISIONS = ("fp16", "fp32", "int8", "int4")
+PRECISIONS = FORMATS["coreml"].precisions
 PACKAGE_NAMES = {"fp16": "model.mlpackage", "fp32": "model_fp32.mlpackage", "int8": "model_int8.mlpackage",
                  "int4": "model_int4.mlpackage"}
 # States (`ct.StateType`) exist from iOS 18 / macOS 15 on: those two names of one spec version are accepted.
@@ -328,8 +329,7 @@ def convert(decoder: StatefulDecoder, config: Gemma3Config, max_context: int, qu
 def check_options(config: Gemma3Config, precision: str, max_context: int, query_lengths: tuple[int, ...],
                   lm_head_chunks: int, deployment_target: str) -> tuple[int, ...]:
     """Every option a user can get wrong, refused before minutes of conversion; returns the sorted lengths."""
-    if precision not in PRECISIONS:
-        raise UserError(f"Core ML has no precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}")
+    check_precisions("coreml", [precision])
     if deployment_target not in DEPLOYMENT_TARGETS:
         raise UserError(f"deployment target {deployment_target!r} is not supported: the stateful KV cache needs "
                         "iOS 18 / macOS 15 or later", f"use one of: {', '.join(DEPLOYMENT_TARGETS)}")

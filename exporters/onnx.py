@@ -50,6 +50,7 @@ from model.gemma3 import Attention, FeedForward, Gemma3Model, RMSNorm, apply_rop
 from model.kv_cache import ConcatKVCache, ConcatLayerKVCache
 from exporters.onnx_quantize import ACCURACY_LEVEL, model_grids, quantized_model_graph
 from exporters.progress import Progress, report
+from exporters.registry import check_precisions
 from exporters.signature import ExportedVariant, decoder_io, past_names, tensor_spec
 from model.block_grids import BlockGrid
 
@@ -148,8 +149,7 @@ def is_sliding_cache(name: str, config: Gemma3Config) -> bool:
 
 
 def check_precision(precision: str) -> None:
-    if precision not in MODEL_FILES:
-        raise UserError(f"unknown ONNX precision {precision!r}", f"use one of: {', '.join(MODEL_FILES)}")
+    check_precisions("onnx", [precision])
 
 
 def external_data_name(model_file: str) -> str:

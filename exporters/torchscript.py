@@ -21,12 +21,13 @@ import torch.fx.experimental._config as symbolic_shapes_config
 from torch import nn
 
 from exporters.progress import Progress, report
+from exporters.registry import check_precisions
 from exporters.signature import ExportedVariant, decoder_io
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.gemma3 import Gemma3Model
 
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METADATA_FILE = "decoder.json"
 # Trace-time sizes, all ≥ 2 and all different, so that a size baked into the graph by mistake cannot pass
 # the verification (batch 3, seq 1 and 2, past 0 and beyond the sliding window).
@@ -98,16 +99,15 @@ def file_stem(precision: str) -> str:
 
 
 def decoder_in_precision(model: Gemma3Model, precision: str) -> ExplicitCacheDecoder:
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown TorchScript precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
+    check_precisions("torchscript", [precision])
+    dtype = PRECISION_DTYPES[precision]
     if next(model.parameters()).dtype != dtype:
         model = copy.deepcopy(model).to(dtype)  # the caller's model stays as it was
     return ExplicitCacheDecoder(model.eval())
 
 
 def kv_dtype_name(precision: str) -> str:
-    return str(PRECISIONS[precision]).removeprefix("torch.")
+    return str(PRECISION_DTYPES[precision]).removeprefix("torch.")
 
 
 def variant(config: Gemma3Config, precision: str, file_name: str, options: dict[str, Any]) -> ExportedVariant:

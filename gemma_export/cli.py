@@ -11,7 +11,7 @@ import torch
 
 from exporters.artifact import Bundle
 from exporters.progress import StepProgress
-from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle
+from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle, precisions_help
 from gemma_export.errors import debug_option, entry_point
 from gemma_export.options import model_options
 from gemma_export.validation_commands import (finish, perplexity_tokens_option, run_bench, run_validation,
@@ -89,7 +89,7 @@ requantize_option = click.option(
 @model_options()
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), required=True)
 @click.option("--precision", "precisions", multiple=True,
-              help="Repeatable. torchscript: fp32|bf16|fp16; onnx: fp32|fp16|int8|int4; coreml: fp16|fp32|int8|int4.")
+              help=f"Repeatable. {precisions_help()}.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 @click.option("--wait", is_flag=True, help="Wait for another export into the same bundle instead of failing.")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,

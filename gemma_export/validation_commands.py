@@ -21,7 +21,8 @@ from model.weights import DEFAULT_MODEL, source_slug
 from validation import report as report_files
 from validation.baselines import BASELINE_CHOICES, baseline_model_files, baseline_spec, check_baselines
 from validation.bench import BenchJob, BenchSettings, bench_all
-from validation.compare import HELDOUT_MAX_TOKENS, compare_all, load_heldout, load_prompts, thresholds_for
+from validation.compare import (FP32_MAX_LOGIT_DIFF, HELDOUT_MAX_TOKENS, THRESHOLDS, compare_all, load_heldout,
+                                load_prompts, thresholds_for)
 from validation.runners import (COREML_COMPUTE_UNITS, FORMAT_CHOICES, IN_MEMORY_FORMAT, ONNX_PROVIDERS,
                                 REFERENCE_SPEC, TORCH_DEVICES, BundleProblem, Host, RunnerSpec, Selection,
                                 available_specs, load_bundles, make_runner, set_thread_count)
@@ -182,6 +183,12 @@ perplexity_tokens_option = click.option(
     help="Tokens of the held-out text each runner's perplexity is measured on.")
 
 
+# The defaults the validate help names, from validation.compare's tables.
+FP32_LIMITS = " / ".join(f"{limit:g} {scale}" for scale, limit in FP32_MAX_LOGIT_DIFF.items())
+TOP1_FLOORS = ", ".join(f"{precision} {thresholds.min_top1_agreement:g}" for precision, thresholds in THRESHOLDS.items()
+                        if thresholds.min_top1_agreement is not None)
+
+
 @click.command("validate")
 @selection_options
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
@@ -190,13 +197,13 @@ perplexity_tokens_option = click.option(
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Threads of the PyTorch and ONNX Runtime runners; 0 = every core.")
 @click.option("--max-logit-diff", type=click.FloatRange(min=0), default=None,
-              help="Override the max |Δlogit| limit (default: fp32 1e-3 tiny / 5e-3 real; none for others).")
+              help=f"Override the max |Δlogit| limit (default: fp32 {FP32_LIMITS}; none for others).")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
-              help="Override the top-1 agreement floor, as a fraction (default: fp16/bf16 0.99, int8 0.98, int4 0.97).")
-def validate_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
-                     devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
-                     max_new_tokens: int, perplexity_tokens: int, threads: int, max_logit_diff: float | None,
-                     min_top1: float | None) -> None:
+              help=f"Override the top-1 agreement floor, as a fraction (default: {TOP1_FLOORS}; lower on toy models).")
+def validate_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
+                     precisions: tuple[str, ...], devices: tuple[str, ...], providers: tuple[str, ...],
+                     compute_units: tuple[str, ...], max_new_tokens: int, perplexity_tokens: int, threads: int,
+                     max_logit_diff: float | None, min_top1: float | None) -> None:
     """Compare every exported runner with the PyTorch reference; write artifacts/<model>/report/."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)
     loaded = load(model_id, revision=revision)
@@ -222,10 +229,10 @@ def validate_command(model_id: str, revision: str | None, out_dir: Path, formats
               help="Repeatable: also measure what a user would run instead, in the same run, and report every "
                    "runner's ratio to it. llama.cpp needs a GGUF model and pip install -e \".[baseline]\"; "
                    "transformers runs the same weights in fp32.")
-def bench_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
-                  devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
-                  threads: int, decode_tokens: int, prefill_tokens: int, repeats: int, rounds: int,
-                  bandwidth_mb: int, baselines: tuple[str, ...]) -> None:
+def bench_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
+                  precisions: tuple[str, ...], devices: tuple[str, ...], providers: tuple[str, ...],
+                  compute_units: tuple[str, ...], threads: int, decode_tokens: int, prefill_tokens: int,
+                  repeats: int, rounds: int, bandwidth_mb: int, baselines: tuple[str, ...]) -> None:
     """Measure load time, TTFT, prefill/decode tok/s, peak RSS and % of the bandwidth ceiling per runner, and
     with --baseline each runner's ratio to llama.cpp and/or transformers."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporters.artifact import FORMATS, Bundle, BundleVariant, load_bundle
+from exporters.artifact import Bundle, BundleVariant, load_bundle
 from exporters.coreml import COMPUTE_UNITS as COREML_COMPUTE_UNITS
+from exporters.registry import FORMATS
 from model.errors import UserError
 from model.gemma3 import Gemma3Model
 
@@ -182,7 +183,8 @@ def check_bundle_source(bundle: Bundle, weight_sha256: str) -> None:
     if source.get("weight_sha256") != weight_sha256:
         raise UserError(f"{bundle.path} was exported from other weights ({source.get('model_id')}, sha256 "
                         f"{str(source.get('weight_sha256'))[:12]}…) than the model being validated "
-                        f"(sha256 {weight_sha256[:12]}…)", "re-export it from this model, or pass its --model (and --revision)")
+                        f"(sha256 {weight_sha256[:12]}…)",
+                        "re-export it from this model, or pass its --model (and --revision)")
 
 
 # -------------------------------------------------------------------------------------------------- specs
