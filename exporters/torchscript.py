@@ -24,7 +24,6 @@ from exporters.progress import Progress, report
 from exporters.registry import check_precisions
 from exporters.signature import ExportedVariant, decoder_io
 from model.config import Gemma3Config
-from model.errors import UserError
 from model.gemma3 import Gemma3Model
 
 PRECISION_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -14,10 +14,10 @@ from exporters.progress import StepProgress
 from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle, precisions_help
 from gemma_export.errors import debug_option, entry_point
 from gemma_export.options import model_options
-from gemma_export.validation_commands import (finish, perplexity_tokens_option, run_bench, run_validation,
-                                              selection_from, write_report)
+from gemma_export.validation_commands import finish, perplexity_tokens_option, selection_from
 from gemma_export.validation_commands import register as register_validation_commands
 from validation.bench import BenchSettings
+from validation.pipeline import run_bench, run_validation, write_report
 from validation.runners import IN_MEMORY_FORMAT, REFERENCE_PRECISION
 from model.errors import UserError
 from model.generate import GenerationResult, Sampling, generate

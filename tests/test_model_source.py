@@ -17,7 +17,7 @@ from model.loading import load
 from model.tokenizer import GemmaTokenizer
 from model.weights import load_weights, save_hf_directory, source_slug
 from test_weights import write_tiny_gguf
-from gemma_export import validation_commands as pipeline
+from validation import pipeline
 from validation.bench import BenchJob, BenchSettings, run_job
 from validation.report import save_piece
 from validation.runners import Selection

@@ -32,7 +32,7 @@ from validation.compare import (THRESHOLDS, Prompt, Thresholds, compare_all, cra
 from validation.report import save_piece
 from validation.runners import (BACKENDS, REFERENCE_SPEC, Host, Runner, RunnerSpec, Selection, available_specs,
                                 load_bundles, make_runner, unavailable_reason)
-from gemma_export.validation_commands import run_bench, run_validation, write_report
+from validation.pipeline import run_bench, run_validation, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 4
