@@ -349,10 +349,11 @@ class Bundle:
                              entry.get("deployment_target"))
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions from package metadata: importing onnx or coremltools just to ask costs seconds."""
+def library_versions(packages: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str]:
+    """Installed versions of `packages` (the ones that are installed), from package metadata: importing onnx or
+    coremltools just to ask costs seconds."""
     versions = {"python": platform.python_version()}
-    for package in VERSIONED_PACKAGES:
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from exporters.artifact import library_versions
+from exporters.artifact import VERSIONED_PACKAGES, library_versions
 from model.files import write_atomic
 from validation.baselines import RATIO_METRICS
 
@@ -77,15 +77,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata
-
-    found = library_versions()
-    for package in EXTRA_VERSIONED_PACKAGES:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
+    return library_versions((*VERSIONED_PACKAGES, *EXTRA_VERSIONED_PACKAGES))
 
 
 def build_report(folder: Path) -> dict[str, Any]:
