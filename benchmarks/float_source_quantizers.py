@@ -17,7 +17,7 @@ import click
 
 import exporters.onnx_quantize as onnx_quantize
 from exporters.registry import export_bundle
-from gemma_export.validation_commands import run_validation
+from validation.pipeline import run_validation
 from model.loading import load
 from model.weights import save_hf_directory
 from validation.runners import Selection

@@ -29,14 +29,17 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
+from exporters.progress import ByteProgress
+from exporters.registry import FORMATS
 from model.config import Gemma3Config
 from model.errors import UserError
+from model.files import fsync_path, write_atomic
 from model.interrupts import raise_if_interrupted, signals_deferred
+from model.weights import safe_slug
 
 SCHEMA_VERSION = 1
-FORMATS = ("torchscript", "onnx", "coreml")
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 CONFIG = "config.json"
@@ -49,30 +52,16 @@ REQUIRED_FIELDS: dict[str, type] = {
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 LOCK_POLL_SECONDS = 0.1
 
-Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
-
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- names
 
-def safe_slug(text: str) -> str:
-    """A folder name for a model id or path: `google/gemma-3-270m` -> `google--gemma-3-270m`."""
-    slug = str(text).strip().replace("/", "--").replace("\\", "--")
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", slug)
-    # `..` would name a parent folder, a leading dot hides the folder (and marks our temp folders), and a
-    # leading dash reads as a command-line option.
-    slug = re.sub(r"\.{2,}", ".", slug).strip(".-")
-    if not slug:
-        raise UserError(f"cannot make a folder name from {text!r}", "pass a model id or slug with letters or digits")
-    return slug
-
-
 def _check_slug_and_format(slug: str, fmt: str) -> None:
     """A safe slug is one plain folder name, so `<root>/<slug>/<format>` cannot leave the root."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
-    if not isinstance(slug, str) or slug != safe_slug(slug):
+    if not isinstance(slug, str) or slug != safe_slug(slug):  # the weights loader's slugs are all fixed points
         raise UserError(f"model slug {slug!r} is not a safe folder name",
                         f"use {safe_slug(slug)!r} (letters, digits, '-', '_' and '.')")
 
@@ -127,7 +116,7 @@ def _owned_by(path: str, main_files: Iterable[str]) -> bool:
 
 # -------------------------------------------------------------------------------------------- hashing
 
-def file_sha256(path: Path, progress: Progress | None = None) -> str:
+def file_sha256(path: Path, progress: ByteProgress | None = None) -> str:
     """Streamed in 1 MiB blocks: a model file never has to fit in memory."""
     digest = hashlib.sha256()
     size = os.path.getsize(path)
@@ -150,7 +139,7 @@ def _bundle_files(bundle_dir: Path) -> list[str]:
     return sorted(path for path in found if path != MANIFEST)
 
 
-def _file_entries(bundle_dir: Path, known: dict[str, dict], progress: Progress | None) -> list[dict]:
+def _file_entries(bundle_dir: Path, known: dict[str, dict], progress: ByteProgress | None) -> list[dict]:
     """{path, size, sha256} per file. `known` holds entries of files linked from a bundle verified moments
     ago; hashing them again would only cost time."""
     paths = _bundle_files(bundle_dir)
@@ -166,7 +155,7 @@ def _file_entries(bundle_dir: Path, known: dict[str, dict], progress: Progress |
     return entries
 
 
-def _verify_files(bundle_dir: Path, entries: list[dict], progress: Progress | None) -> None:
+def _verify_files(bundle_dir: Path, entries: list[dict], progress: ByteProgress | None) -> None:
     # Sizes first: a missing or truncated file fails in milliseconds rather than after hashing the rest.
     for entry in entries:
         path = bundle_dir / entry["path"]
@@ -187,32 +176,17 @@ def _verify_files(bundle_dir: Path, entries: list[dict], progress: Progress | No
 
 # ---------------------------------------------------------------------------------- durable file system
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _sync_tree(folder: Path) -> None:
     """Flush every file and folder so that, after a power cut, a manifest never vouches for data that was
     still only in the page cache."""
     for directory, _, names in os.walk(folder):
         for name in names:
-            _fsync(Path(directory, name))
-        _fsync(Path(directory))
+            fsync_path(Path(directory, name))
+        fsync_path(Path(directory))
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync(path.parent)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
@@ -245,7 +219,7 @@ def _publish(staging: Path, target: Path) -> None:
             if previous is not None:
                 os.rename(previous, target)
             raise
-        _fsync(target.parent)
+        fsync_path(target.parent)
         if previous is not None:
             _remove_bundle_folder(previous)
 
@@ -375,10 +349,11 @@ class Bundle:
                              entry.get("deployment_target"))
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions from package metadata: importing onnx or coremltools just to ask costs seconds."""
+def library_versions(packages: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str]:
+    """Installed versions of `packages` (the ones that are installed), from package metadata: importing onnx or
+    coremltools just to ask costs seconds."""
     versions = {"python": platform.python_version()}
-    for package in VERSIONED_PACKAGES:
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -444,7 +419,7 @@ def _read_manifest(bundle_dir: Path) -> dict[str, Any]:
 
 
 def load_bundle(path_or_root: str | os.PathLike, slug: str | None = None, fmt: str | None = None,
-                verify: bool = True, progress: Progress | None = None) -> Bundle:
+                verify: bool = True, progress: ByteProgress | None = None) -> Bundle:
     """The bundle at `path_or_root`, or at `path_or_root/<slug>/<fmt>` when both are given; with `verify`
     every file's size and sha256 is checked against the manifest."""
     bundle_dir = Path(path_or_root)
@@ -551,7 +526,7 @@ class BundleWriter:
         self._variants[precision] = entry
 
     def finish(self, config: Gemma3Config, tokenizer: Any, source: dict[str, Any],
-               options: dict[str, Any] | None = None, progress: Progress | None = None) -> Bundle:
+               options: dict[str, Any] | None = None, progress: ByteProgress | None = None) -> Bundle:
         """Write config.json and tokenizer.json, hash everything, write the manifest last and publish.
         `source` holds model_id and weight_sha256; the slug is added."""
         if self._lock is None or self._finished:

@@ -12,15 +12,15 @@ The traced module (`StatefulDecoder`) reuses the reference model's weights but i
   full-length buffers every layer has one write pattern and the window lives in the mask. The price is
   memory (270M, fp16: 38 MB of cache at 2048 tokens instead of 14 MB; at 32k, 604 MB instead of 109 MB).
   Core ML states hold fp16 only. The fp32 package therefore stores each key/value as two fp16 states, the
-  rounded value and its rounding error (`*_cache_residual_{i}`), whose sum carries ~22 bits: with a plain
-  fp16 cache the real model's logits differed from PyTorch by 2.8e-2, with the pair by 8e-5.
+  rounded value and its rounding error (`*_cache_residual_{i}`), whose sum carries ~22 bits: a plain fp16
+  cache moved the real model's logits far more than the pair does (BENCHMARKS.md, "Core ML").
 - Inputs: `input_ids` int32 [1, query_length] (query_length ∈ `query_lengths`, `ct.EnumeratedShapes`, which
   keeps the Neural Engine usable) and `cache_position` int32 [1], the cache index of the first token. The
   causal and sliding-window masks are built inside from the position (no mask input to get wrong, no
   float mask crossing the API): key index k is visible to query p when k ≤ p (and k > p − window).
 - Output: `logits` float32 [1, 1, vocab] of the chunk's last token only. All-position logits would be
   512 × 262,144 values per prefill chunk and a 512-row LM head product that nobody reads.
-- fp16: Gemma's residual stream reaches ~1.0e5 on the real weights (layer 14, measured), past fp16's 65,504,
+- fp16: Gemma's residual stream grows past fp16's 65,504 on the real weights (BENCHMARKS.md, "Core ML"),
   and x² in an RMSNorm overflows from |x| ≈ 256. So the residual stream is carried divided by
   `RESIDUAL_SCALE` (RMSNorm is scale-invariant: the embedding scale and the two post-norms that feed the
   residual divide by it, the norms that read it divide sqrt(eps) by it) and every RMSNorm divides by max |x|
@@ -36,7 +36,7 @@ import copy
 import gc
 import math
 import platform
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,31 +46,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporters.coreml_grids import with_source_grids
+from exporters.progress import Progress, report
+from exporters.registry import FORMATS, check_precisions
 from exporters.signature import ExportedVariant, tensor_spec
 from model.block_grids import BlockGrid
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.gemma3 import Gemma3Model, RMSNorm, apply_rope
-from model.interrupts import raise_if_interrupted
 from model.weights import EMBEDDING
 
-PRECISIONS = ("fp16", "fp32", "int8", "int4")
+PRECISIONS = FORMATS["coreml"].precisions
 PACKAGE_NAMES = {"fp16": "model.mlpackage", "fp32": "model_fp32.mlpackage", "int8": "model_int8.mlpackage",
                  "int4": "model_int4.mlpackage"}
 # States (`ct.StateType`) exist from iOS 18 / macOS 15 on: those two names of one spec version are accepted.
 DEPLOYMENT_TARGETS = ("iOS18", "macOS15")
 ANE_MAX_DIMENSION = 16_384
-# Max |residual| over a 600-token real prompt is 1.04e5 (layer 14); / 16 leaves it at 6.5e3, 10× below
-# fp16's maximum, so longer or odder prompts keep headroom. Precision is unchanged (fp16 is relative).
+# The real model's residual stream grows past fp16's maximum (65504) in its middle layers; divided by 16 it
+# stays an order of magnitude below, so longer or odder prompts keep headroom (the measured maximum:
+# BENCHMARKS.md, "Core ML"). Precision is unchanged (fp16 is relative).
 RESIDUAL_SCALE = 16.0
 # The smallest normal fp16: the floor of max |x| in RMSNorm, so an all-zero row divides by a number, not 0.
 FP16_SMALLEST_NORMAL = 2.0 ** -14
 INT4_BLOCK_SIZE = 32
 GEMMA_LICENSE = "Gemma Terms of Use: https://ai.google.dev/gemma/terms"
 COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
-
-Progress = Callable[[str], None] | None
-
 
 class PeakScaledRMSNorm(nn.Module):
     """Gemma's RMSNorm, fp16-safe: x is divided by its max |x| first, so squares stay ≤ 1.
@@ -264,8 +263,8 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], ma
                 query_lengths: Sequence[int] = (1, 64, 512), lm_head_chunks: int = DEFAULT_LM_HEAD_CHUNKS,
                 progress: Progress = None, deployment_target: str = "iOS18",
                 source_grids: Mapping[str, BlockGrid] | None = None) -> list[ExportedVariant]:
-    """Each precision's package in `out_dir`, in the order asked. Trace + convert is most of an export (~2 min on
-    the real 270M): fp16, int8 and int4 share one conversion (fp16 compute; the 8- and 4-bit packages compress
+    """Each precision's package in `out_dir`, in the order asked. Trace + convert is most of an export (times in
+    BENCHMARKS.md): fp16, int8 and int4 share one conversion (fp16 compute; the 8- and 4-bit packages compress
     its weights, which leaves it as it was), fp32 has its own (fp32 compute, the rounding-error cache).
     `source_grids`: a quantized source's own grids, which int8 and int4 both carry (`coreml_grids`); only the
     weights without one are rounded."""
@@ -331,8 +330,7 @@ def convert(decoder: StatefulDecoder, config: Gemma3Config, max_context: int, qu
 def check_options(config: Gemma3Config, precision: str, max_context: int, query_lengths: tuple[int, ...],
                   lm_head_chunks: int, deployment_target: str) -> tuple[int, ...]:
     """Every option a user can get wrong, refused before minutes of conversion; returns the sorted lengths."""
-    if precision not in PRECISIONS:
-        raise UserError(f"Core ML has no precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}")
+    check_precisions("coreml", [precision])
     if deployment_target not in DEPLOYMENT_TARGETS:
         raise UserError(f"deployment target {deployment_target!r} is not supported: the stateful KV cache needs "
                         "iOS 18 / macOS 15 or later", f"use one of: {', '.join(DEPLOYMENT_TARGETS)}")
@@ -358,12 +356,6 @@ def input_ids_shape(query_lengths: tuple[int, ...]) -> Any:
     if len(query_lengths) == 1:
         return (1, query_lengths[0])
     return ct.EnumeratedShapes([(1, n) for n in query_lengths], default=(1, 1))
-
-
-def report(progress: Progress, step: str) -> None:
-    raise_if_interrupted()  # between steps: stop at once after a Ctrl-C that the last step's library swallowed
-    if progress is not None:
-        progress(step)
 
 
 def state_types(names: list[str], shape: tuple[int, ...]) -> list[Any]:

@@ -6,7 +6,7 @@ One graph serves prefill (past = 0) and decode (seq = 1), with the Optimum / tra
 
 - fp32: the LM head reads the embedding's initializer (the 671 MB matrix is stored once).
 - fp16: every linear layer, the embedding and the LM head hold fp16 weights and compute in fp16, but take and
-  return float32: Gemma's residual stream reaches ~1e5 on the real 270M weights (fp16 tops out at 65 504) and
+  return float32: Gemma's residual stream grows past fp16's maximum (65 504) on the real 270M weights and
   RMSNorm squares it, so the residual stream, norms, attention and the KV cache stay float32. Made from the
   traced fp32 graph (`with_float16_weights`).
 - every precision: the projections that read the same input run as one (q/k/v, gate/up: `ConcatenatedLinear`).
@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import gc
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,10 @@ from torch.export import Dim
 from model.config import Gemma3Config
 from model.errors import UserError
 from model.gemma3 import Attention, FeedForward, Gemma3Model, RMSNorm, apply_rope, attention_mask_for
-from model.interrupts import raise_if_interrupted
 from model.kv_cache import ConcatKVCache, ConcatLayerKVCache
 from exporters.onnx_quantize import ACCURACY_LEVEL, model_grids, quantized_model_graph
+from exporters.progress import Progress, report
+from exporters.registry import check_precisions
 from exporters.signature import ExportedVariant, decoder_io, past_names, tensor_spec
 from model.block_grids import BlockGrid
 
@@ -71,8 +72,6 @@ SLIDING_PAST_AXIS = "sliding_past"
 # Model metadata (`custom_metadata_map` in onnxruntime): the window, for a loop that cuts sliding pasts.
 SLIDING_WINDOW_KEY = "gemma3.sliding_window"
 
-Progress = Callable[[str], None] | None
-
 
 def export(model: Gemma3Model, out_dir: Path, precision: str = "fp32", progress: Progress = None) -> ExportedVariant:
     """Write `MODEL_FILES[precision]` and its external data into `out_dir`; return what was written."""
@@ -82,7 +81,7 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp32", progress:
 def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], progress: Progress = None,
                 source_grids: Mapping[str, BlockGrid] | None = None) -> list[ExportedVariant]:
     """Write each precision's file into `out_dir`; return their variants in the order asked. The trace
-    (`torch.onnx.export`) is most of an export, ~3 min on the real 270M: every precision is made from one traced
+    (`torch.onnx.export`) is most of an export (times in BENCHMARKS.md): every precision is made from one traced
     float32 graph (quantized, or its weights stored in fp16). `source_grids`: the quantized source's own grids
     (parameter name → grid), which int8 / int4 carry instead of rounding those weights again."""
     for precision in precisions:
@@ -91,39 +90,34 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], pr
         raise UserError(f"ONNX export needs the float32 model, got {model.embed_tokens.weight.dtype}",
                         "load the model with dtype float32; precision variants are made by the exporter")
 
-    def report(step: str) -> None:
-        raise_if_interrupted()  # between steps: stop at once after a Ctrl-C that a library swallowed
-        if progress is not None:
-            progress(step)
-
-    report("export")
+    report(progress, "export")
     traced = export_graph(decoder_for(model.eval()), model.config)
-    report("optimize")
+    report(progress, "optimize")
     onnxscript.optimizer.optimize(traced)
     traced = with_new_only_full_presents(with_logits_to_keep(traced), model.config)
     variants = {}
     for precision in sorted(precisions, key=lambda precision: precision == "fp16"):  # fp16 changes `traced`: last
         graph, grids = traced, None
         if precision in QUANTIZED_BITS:
-            report("quantize")
+            report(progress, "quantize")
             grids = model_grids(model, source_grids or {}, QUANTIZED_BITS[precision])
             graph = quantized_model_graph(traced, model, grids)  # a new graph: `traced` stays as it was
         elif precision == "fp16":
-            report("float16")
+            report(progress, "float16")
             graph = with_float16_weights(traced)
         variants[precision] = save_variant(graph, Path(out_dir) / MODEL_FILES[precision], precision, model.config,
-                                           report, grids)
+                                           progress, grids)
         del graph
         gc.collect()  # an IR graph is a web of cycles (nodes ↔ graph): freed by the collector, not by `del`
     return [variants[precision] for precision in precisions]
 
 
 def save_variant(graph: ir.Model, model_path: Path, precision: str, config: Gemma3Config,
-                 report: Callable[[str], None], grids: Mapping[str, BlockGrid] | None = None) -> ExportedVariant:
+                 progress: Progress, grids: Mapping[str, BlockGrid] | None = None) -> ExportedVariant:
     data_name = external_data_name(model_path.name)
-    report("save")
+    report(progress, "save")
     ir.save(graph, model_path, external_data=data_name)
-    report("check")
+    report(progress, "check")
     onnx.checker.check_model(str(model_path))
     check_edge_shapes(model_path)
     kv_dtype = "float32"
@@ -155,8 +149,7 @@ def is_sliding_cache(name: str, config: Gemma3Config) -> bool:
 
 
 def check_precision(precision: str) -> None:
-    if precision not in MODEL_FILES:
-        raise UserError(f"unknown ONNX precision {precision!r}", f"use one of: {', '.join(MODEL_FILES)}")
+    check_precisions("onnx", [precision])
 
 
 def external_data_name(model_file: str) -> str:
@@ -269,9 +262,8 @@ class GroupedQueryAttention(nn.Module):
 class ConcatenatedLinear(nn.Module):
     """Linear layers that read the same input, run as one: weights stacked along the outputs, one MatMul, its
     output split. onnxruntime then runs one kernel where it ran three (q, k, v) or two (gate, up), and in the
-    8- and 4-bit files each `MatMulNBits` quantizes its input once instead of once per projection. Real int4,
-    A/B: decode 1.04-1.05×, TTFT 0.93-0.94×, 512-token prefill 0.95-0.96× (the Split copies the outputs;
-    BENCHMARKS.md). Each output column reads the same weights as before (the 4- and 8-bit blocks run along the
+    8- and 4-bit files each `MatMulNBits` quantizes its input once instead of once per projection: faster
+    decode, slightly slower prefill (the Split copies the outputs; the A/B in BENCHMARKS.md). Each output column reads the same weights as before (the 4- and 8-bit blocks run along the
     inputs), so the numbers do not change."""
 
     def __init__(self, *linears: nn.Module) -> None:
@@ -299,8 +291,8 @@ class ConcatenatedFeedForward(nn.Module):
 class FusableRMSNorm(nn.Module):
     """`RMSNorm` with the same numbers in the form onnxruntime fuses into one `SimplifiedLayerNormalization`:
     x / sqrt(mean(x²) + ε) · w, with w = 1 + weight computed once here. torch exports `rsqrt` as Sqrt →
-    Reciprocal → Mul, which the fusion does not match: the 109 unfused norms of the real 270M (~700 small
-    ops a step) were ~22 % of the int4 time to first token (BENCHMARKS.md)."""
+    Reciprocal → Mul, which the fusion does not match: unfused, the real 270M's 109 norms were hundreds of small
+    ops a step and a large share of the int4 time to first token (profile in BENCHMARKS.md)."""
 
     def __init__(self, norm: RMSNorm) -> None:
         super().__init__()
@@ -374,8 +366,8 @@ def export_graph(decoder: DecoderWithPast, config: Gemma3Config) -> ir.Model:
 def with_logits_to_keep(graph: ir.Model) -> ir.Model:
     """Add the optional input `num_logits_to_keep` (int64 scalar, default 0 = every position, as the standard
     contract has it): the LM head then runs on the last N positions only. A prompt needs the last token's
-    logits, and the 262,144-wide head on every prompt position was most of the prefill: 2.3 of ~3 s for 512
-    tokens at int4, 65 of 81 ms of the time to first token for 16. The input has a default (an initializer of
+    logits, and the 262,144-wide head on every prompt position was most of the prefill and of the time to first
+    token (BENCHMARKS.md, "The prompt's logits only"). The input has a default (an initializer of
     the same name), so onnxruntime does not list it among the required inputs: Optimum and transformers.js,
     which do not know it, run the file as before."""
     main = graph.graph
@@ -448,8 +440,8 @@ def with_float16_weights(graph: ir.Model) -> ir.Model:
     reads as its weight, directly or through the tied head's Transpose; the embedding's Gather reads the same
     one) is stored in fp16, each such MatMul casts its input to fp16 and its product back to float32, and the
     Gather its rows. Norms, attention, the residual stream and the cache stay float32 (see the module note).
-    That is the graph a trace of fp16 modules gives (Cast → MatMul → Cast), without a second trace: ~3.5 min
-    of every real export of both precisions."""
+    That is the graph a trace of fp16 modules gives (Cast → MatMul → Cast), without a second trace, the longest
+    step of an export (BENCHMARKS.md, "One trace for all four ONNX precisions")."""
     main = graph.graph
 
     def weight_of(value: ir.Value) -> ir.Value | None:

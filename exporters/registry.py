@@ -1,4 +1,6 @@
-"""Which exporter serves which format, and the one routine that turns an exporter's files into a bundle.
+"""The one table of formats (which exporter serves each, its precisions and default, its options), and the one
+routine that turns an exporter's files into a bundle. Everything else that names formats or precisions (the
+bundle reader, the validation runners, the CLI's choices and help) derives them from `FORMATS`.
 
 Every format module has `export(model, out_dir, precision, progress) -> ExportedVariant | list[...]`; nothing
 else in the pipeline branches on the format to export.
@@ -11,13 +13,15 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from exporters.artifact import Bundle, BundleWriter
 from exporters.signature import ExportedVariant
 from model.errors import UserError
 from model.loading import LoadedModel
 from model.weights import source_block_grids
+
+if TYPE_CHECKING:
+    from exporters.artifact import Bundle
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,12 @@ FORMATS: dict[str, FormatInfo] = {
     "coreml": FormatInfo("exporters.coreml", ("fp16", "fp32", "int8", "int4"), "fp16", ("max_context",),
                          carries_source_grids=True),
 }
+
+
+def precisions_help() -> str:
+    """Every format's precisions and its default: `torchscript: fp32|bf16|fp16 (default fp32); onnx: …`."""
+    return "; ".join(f"{fmt}: {'|'.join(info.precisions)} (default {info.default_precision})"
+                     for fmt, info in FORMATS.items())
 
 
 def format_info(fmt: str) -> FormatInfo:
@@ -73,6 +83,8 @@ def export_bundle(loaded: LoadedModel, fmt: str, precisions: list[str], artifact
     variants; publish atomically (the previous bundle survives any failure or interruption). `format_options`
     are keyword arguments of that format's exporter (Core ML: max_context). `requantize`: a source tensor whose
     GGUF type has no exact grid is rounded onto a new one instead of failing the export."""
+    from exporters.artifact import BundleWriter  # imported here: artifact checks format names against FORMATS
+
     precisions = check_precisions(fmt, precisions)
     format_options = dict(format_options or {})
     check_format_options(fmt, format_options)
@@ -86,7 +98,7 @@ def export_bundle(loaded: LoadedModel, fmt: str, precisions: list[str], artifact
             fields["precision"] = variant_key(variant)
             bundle.add_variant(**fields)
         return bundle.finish(config=weights.config, tokenizer=loaded.tokenizer,
-                             source={"model_id": weights.source_id, "weight_sha256": weights.weight_sha256},
+                             source={"model_id": weights.source_label, "weight_sha256": weights.weight_sha256},
                              options={"precisions": precisions}, progress=None)
 
 

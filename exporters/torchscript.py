@@ -20,13 +20,13 @@ import torch
 import torch.fx.experimental._config as symbolic_shapes_config
 from torch import nn
 
+from exporters.progress import Progress, report
+from exporters.registry import check_precisions
 from exporters.signature import ExportedVariant, decoder_io
 from model.config import Gemma3Config
-from model.errors import UserError
 from model.gemma3 import Gemma3Model
-from model.interrupts import raise_if_interrupted
 
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METADATA_FILE = "decoder.json"
 # Trace-time sizes, all ≥ 2 and all different, so that a size baked into the graph by mistake cannot pass
 # the verification (batch 3, seq 1 and 2, past 0 and beyond the sliding window).
@@ -34,9 +34,6 @@ EXAMPLE_SHAPES = {"batch": 2, "seq": 3, "past": 4}
 # Logit tolerance of the verification against the eager model of the same precision (both run the same
 # kernels: the measured difference is 0 on the tiny model, and within these on the real one).
 VERIFY_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
-
-Progress = Callable[[str], None] | None
-
 
 class ExplicitCacheDecoder(nn.Module):
     """`forward_with_past` with flat tensors in and out: the form tracers and exporters accept."""
@@ -96,27 +93,20 @@ def export_exported_program(model: Gemma3Model, out_dir: Path, precision: str = 
     return variant(decoder.model.config, precision, path.name, options)
 
 
-def report(progress: Progress, step: str) -> None:
-    raise_if_interrupted()  # between steps: stop at once after a Ctrl-C that the last step's library swallowed
-    if progress is not None:
-        progress(step)
-
-
 def file_stem(precision: str) -> str:
     return "model" if precision == "fp32" else f"model-{precision}"
 
 
 def decoder_in_precision(model: Gemma3Model, precision: str) -> ExplicitCacheDecoder:
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown TorchScript precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
+    check_precisions("torchscript", [precision])
+    dtype = PRECISION_DTYPES[precision]
     if next(model.parameters()).dtype != dtype:
         model = copy.deepcopy(model).to(dtype)  # the caller's model stays as it was
     return ExplicitCacheDecoder(model.eval())
 
 
 def kv_dtype_name(precision: str) -> str:
-    return str(PRECISIONS[precision]).removeprefix("torch.")
+    return str(PRECISION_DTYPES[precision]).removeprefix("torch.")
 
 
 def variant(config: Gemma3Config, precision: str, file_name: str, options: dict[str, Any]) -> ExportedVariant:

@@ -10,35 +10,29 @@ import click
 import torch
 
 from exporters.artifact import Bundle
-from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle
-from gemma_export.errors import entry_point
-from gemma_export.progress import StepProgress
-from gemma_export.validation_commands import (baseline_option, budget_option, finish, perplexity_tokens_option, run_bench,
-                                              run_validation, save_timings, selection_from, stage_summary,
-                                              write_report)
+from exporters.progress import StepProgress
+from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle, precisions_help
+from gemma_export.errors import debug_option, entry_point
+from gemma_export.options import model_options
+from gemma_export.validation_commands import (baseline_option, budget_option, finish, perplexity_tokens_option,
+                                              selection_from, stage_summary)
 from gemma_export.validation_commands import register as register_validation_commands
 from validation.bench import BenchSettings
+from validation.pipeline import run_bench, run_validation, save_timings, write_report
 from validation.runners import IN_MEMORY_FORMAT, REFERENCE_PRECISION
 from model.errors import UserError
 from model.generate import GenerationResult, Sampling, generate
-from model.loading import DEFAULT_MODEL, DTYPES, load
+from model.loading import DTYPES, load
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def cli(debug: bool) -> None:
+@debug_option
+def cli() -> None:
     """Export Gemma 3 to TorchScript, ONNX and Core ML, and prove the exports equal the reference."""
 
 
-def model_options(function):
-    function = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")(function)
-    return click.option("--model", "model_id", default=DEFAULT_MODEL, show_default=True,
-                        help="gemma-3-270m (embedded, offline), random:tiny|270m|1b, a hub id, a .gguf file "
-                             "or a model folder.")(function)
-
-
 @cli.command("generate")
-@model_options
+@model_options()
 @click.option("--prompt", required=True, help="Text to continue (or the user message with --chat).")
 @click.option("--max-new-tokens", type=click.IntRange(0, 32_768), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default="cpu", show_default=True)
@@ -93,10 +87,10 @@ requantize_option = click.option(
 
 
 @cli.command("export")
-@model_options
+@model_options()
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), required=True)
 @click.option("--precision", "precisions", multiple=True,
-              help="Repeatable. torchscript: fp32|bf16|fp16; onnx: fp32|fp16|int8|int4; coreml: fp16|fp32|int8|int4.")
+              help=f"Repeatable. {precisions_help()}.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 @click.option("--wait", is_flag=True, help="Wait for another export into the same bundle instead of failing.")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
@@ -127,7 +121,7 @@ def bundle_summary(bundle: Bundle, seconds: float) -> str:
 
 
 @cli.command("all")
-@model_options
+@model_options()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 @click.option("--formats", multiple=True, type=click.Choice(list(FORMATS)), help="Repeatable; default: all.")
 @click.option("--precisions", "precision_filters", multiple=True,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import warnings
 import traceback
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import click
 
@@ -20,45 +21,62 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by SIGTERM
 
 
-def run_cli(group: click.Group, args: list[str] | None = None, until_exit: bool = False) -> int:
-    """Run one command of `group` and return its exit code. `until_exit`: the caller is the process's entry
-    point and exits with this code, so SIGINT/SIGTERM are then ignored, not put back (see `signals_recorded`)."""
-    debug = "--debug" in (sys.argv[1:] if args is None else args)
+@dataclass
+class RunOptions:
+    """The group's own options, as click parsed them: `run_cli` passes one in as click's `obj` and reads it
+    back after the command, however the command ended."""
+
+    debug: bool = False
+
+
+def _set_debug(context: click.Context, _parameter: click.Parameter, debug: bool) -> None:
+    context.ensure_object(RunOptions).debug = debug
     if not debug:  # tracer/exporter/coremltools warnings are for developers; --debug shows them
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
+
+
+# For the group that `run_cli` runs. Eager: parsed before the command's options, so the warnings are set first.
+debug_option = click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=_set_debug,
+                            help="Show full tracebacks (and library warnings) on errors.")
+
+
+def run_cli(group: click.Group, args: list[str] | None = None, until_exit: bool = False) -> int:
+    """Run one command of `group` and return its exit code. `until_exit`: the caller is the process's entry
+    point and exits with this code, so SIGINT/SIGTERM are then ignored, not put back (see `signals_recorded`)."""
+    options = RunOptions()
     try:
         with signals_recorded(until_exit):
-            return _exit_code(group, args, debug)
+            return _exit_code(group, args, options)
     except (KeyboardInterrupt, Terminated) as late:
         # The handlers raise a command's first signal only: this one came while the command was already ending
         # (printing another error's line, or putting the handlers back). It ends as an interruption all the same.
-        return _fail_for_signal(late, debug)
+        return _fail_for_signal(late, options.debug)
 
 
-def _exit_code(group: click.Group, args: list[str] | None, debug: bool) -> int:
+def _exit_code(group: click.Group, args: list[str] | None, options: RunOptions) -> int:
     try:
-        return _command_code(group, args)
+        return _command_code(group, args, options)
     except click.exceptions.Exit as done:
         return done.exit_code
     except click.Abort:  # click's name for a KeyboardInterrupt that reached it
-        return _fail("interrupted", "", EXIT_INTERRUPTED, debug)
+        return _fail("interrupted", "", EXIT_INTERRUPTED, options.debug)
     except (KeyboardInterrupt, Terminated) as received:
-        return _fail_for_signal(received, debug)
+        return _fail_for_signal(received, options.debug)
     except click.UsageError as error:
         command = error.ctx.command_path if error.ctx else "gemma-export"
-        return _fail(error.format_message(), f"see `{command} --help`", EXIT_USER_ERROR, debug)
+        return _fail(error.format_message(), f"see `{command} --help`", EXIT_USER_ERROR, options.debug)
     except UserError as error:
-        return _fail(error.cause, error.fix, EXIT_USER_ERROR, debug)
+        return _fail(error.cause, error.fix, EXIT_USER_ERROR, options.debug)
     except Exception as error:  # noqa: BLE001 — the last line of defence: one line, not a traceback
         return _fail(f"unexpected {type(error).__name__}: {error}", "rerun with --debug for the traceback",
-                     EXIT_UNEXPECTED, debug)
+                     EXIT_UNEXPECTED, options.debug)
 
 
-def _command_code(group: click.Group, args: list[str] | None) -> int:
+def _command_code(group: click.Group, args: list[str] | None, options: RunOptions) -> int:
     try:
         # Without standalone mode click *returns* the code of ctx.exit(n) instead of raising it.
-        return group.main(args=args, prog_name="gemma-export", standalone_mode=False) or 0
+        return group.main(args=args, prog_name="gemma-export", standalone_mode=False, obj=options) or 0
     finally:
         # A recorded signal is why the command stopped, however it ended: a library may have swallowed the
         # exception (a success) or raised an error of its own while unwinding from it (exit 1, "unexpected").
@@ -74,7 +92,7 @@ def _fail_for_signal(received: BaseException, debug: bool) -> int:
 def _fail(cause: str, fix: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exc()
-    message = " ".join(f"{cause}; {fix}".split()) if fix else " ".join(cause.split())
+    message = " ".join(str(UserError(cause, fix)).split())
     click.echo(f"error: {message}", err=True)
     return code
 

@@ -1,193 +1,25 @@
-"""`gemma-export validate | bench | report`: thin click layers over validation/, plus the three functions that
-`gemma-export all` calls (`run_validation`, `run_bench`, `write_report`)."""
+"""`gemma-export validate | bench | report`: thin click layers over validation/pipeline.py (which `gemma-export all`
+calls too), and how a validation or bench ends: the report's paths, each failing runner, the exit code."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import click
-from tqdm import tqdm
 
+from gemma_export.options import model_options
 from model.errors import UserError
-from model.loading import DEFAULT_MODEL, LoadedModel, load
-from validation import report as report_files
-from validation.baselines import (BASELINE_CHOICES, BaselineFiles, baseline_model_files, baseline_spec,
-                                  check_baselines, open_baseline_runner)
-from validation.bench import BenchJob, BenchSettings, bench_all
-from validation.compare import HELDOUT_MAX_TOKENS, compare_all, load_heldout, load_prompts, thresholds_for
-from validation.runners import (COREML_COMPUTE_UNITS, FORMAT_CHOICES, IN_MEMORY_FORMAT, ONNX_PROVIDERS,
-                                REFERENCE_SPEC, TORCH_DEVICES, BundleProblem, Host, Runner, RunnerSpec, Selection,
-                                available_specs, load_bundles, make_runner, set_thread_count)
+from model.loading import load
+from model.weights import DEFAULT_MODEL, source_slug
+from validation.baselines import BASELINE_CHOICES
+from validation.bench import BenchSettings
+from validation.compare import FP32_MAX_LOGIT_DIFF, HELDOUT_MAX_TOKENS, THRESHOLDS
+from validation.pipeline import Outcome, run_bench, run_validation, write_report
+from validation.runners import COREML_COMPUTE_UNITS, FORMAT_CHOICES, ONNX_PROVIDERS, TORCH_DEVICES, Selection
 
 EXIT_VALIDATION_FAILED = 1
-
-
-@dataclass
-class Outcome:
-    """What validate or bench found: the piece saved for the report, and the problems to exit non-zero on."""
-
-    piece: dict[str, Any]
-    failed_runners: list[str]
-    bundle_errors: list[str]
-
-
-def bundle_formats(formats: Sequence[str] | None) -> list[str]:
-    return [fmt for fmt in (formats or FORMAT_CHOICES) if fmt != IN_MEMORY_FORMAT]
-
-
-def hash_progress(description: str) -> Any:
-    bar = tqdm(desc=description, unit="B", unit_scale=True, leave=False)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-    return bar, update
-
-
-def prepare(loaded: LoadedModel, artifacts_root: Path, selection: Selection
-            ) -> tuple[list[RunnerSpec], dict[str, Any], list[dict[str, str]], list[str]]:
-    """Verify the bundles and pick the runners: (specs, bundles, skipped entries, bundle errors). Explicitly
-    requested formats without a bundle are errors; others are only skipped."""
-    weights = loaded.weights
-    bar, update = hash_progress("verify bundles")
-    with bar:
-        bundles, problems = load_bundles(artifacts_root, weights.slug, bundle_formats(selection.formats),
-                                         weights.weight_sha256, progress=update)
-    specs, skipped = available_specs(bundles, Host.detect(), selection, problems)
-    errors = [problem.reason for problem in problems if is_error(problem, selection)]
-    return specs, bundles, [asdict(entry) for entry in skipped], errors
-
-
-def is_error(problem: BundleProblem, selection: Selection) -> bool:
-    return problem.is_error or (selection.formats is not None and problem.format in selection.formats)
-
-
-def model_entry(loaded: LoadedModel) -> dict[str, str]:
-    weights = loaded.weights
-    return {"model_id": weights.source_id, "slug": weights.slug, "weight_sha256": weights.weight_sha256}
-
-
-def run_validation(loaded: LoadedModel, artifacts_root: Path, selection: Selection = Selection(),
-                   max_new_tokens: int = 32, max_abs_logit_diff: float | None = None,
-                   min_top1_agreement: float | None = None, threads: int = 0,
-                   perplexity_tokens: int = HELDOUT_MAX_TOKENS, baselines: Sequence[str] = ()) -> Outcome:
-    """Compare every available runner, and each requested baseline (on the same tokens, judged by no floor),
-    with the reference; save validation.json into the report folder."""
-    started = time.perf_counter()
-    weights = loaded.weights
-    baselines = list(dict.fromkeys(baselines))
-    check_baselines(baselines, weights)
-    specs, bundles, skipped, errors = prepare(loaded, artifacts_root, selection)
-    set_thread_count(threads)
-    model, config = loaded.model, loaded.model.config
-    prompts = load_prompts(loaded.tokenizer, config, max_new_tokens)
-    heldout = load_heldout(loaded.tokenizer, perplexity_tokens)
-    longest = max(len(prompt.ids) for prompt in prompts) + max_new_tokens
-    max_length = max(longest, len(heldout))
-    reference = make_runner(REFERENCE_SPEC, bundles, model, max_length=max_length)
-    compared = [spec for spec in specs if spec != REFERENCE_SPEC]
-    with (baseline_model_files(weights) if baselines else contextlib.nullcontext()) as files, \
-            tqdm(total=len(compared) + len(baselines) + 1, desc="validate", unit="runner") as bar:
-        openers = [(spec.name, spec.to_dict(),
-                    lambda spec=spec: make_runner(spec, bundles, model, max_length=max_length, threads=threads))
-                   for spec in compared]
-        baseline_openers = [baseline_opener(name, files, max_length, threads) for name in baselines]
-        bar.set_postfix_str("reference")
-        rows = compare_all(reference, openers, prompts, heldout, max_new_tokens,
-                           lambda precision: thresholds_for(precision, config, max_abs_logit_diff, min_top1_agreement),
-                           on_runner=progress_callback(bar, first_done=True), open_baselines=baseline_openers)
-    baseline_rows = [row for row in rows if row.get("baseline")]
-    runner_rows = [row for row in rows if not row.get("baseline")]
-    piece = {"model": model_entry(loaded), "max_new_tokens": max_new_tokens, "heldout_tokens": len(heldout),
-             "runners": runner_rows, "baselines": baseline_rows, "skipped": skipped, "bundle_errors": errors,
-             "seconds": time.perf_counter() - started}
-    report_files.save_piece(report_files.report_dir(artifacts_root, weights.slug), "validation", piece)
-    failed = [row["runner"] for row in rows if row["verdict"] == "FAIL"]
-    return Outcome(piece, failed, errors)
-
-
-def baseline_opener(name: str, files: BaselineFiles, max_length: int, threads: int
-                    ) -> tuple[str, dict[str, str], Callable[[], Runner]]:
-    """(runner name, spec, opener) of a baseline for compare_all: validation runs it in this process."""
-    spec = baseline_spec(name, files)
-    return spec.name, spec.to_dict(), lambda: open_baseline_runner(spec, files.path_for(name), max_length, threads)
-
-
-def progress_callback(bar: tqdm, first_done: bool = False) -> Callable[[str, bool], None]:
-    """Shows the runner at work; counts it when it is done (`first_done`: the reference's own step, already
-    running when the first runner is announced, is counted then)."""
-    pending = [first_done]
-
-    def on_runner(name: str, finished: bool) -> None:
-        if pending and pending.pop():
-            bar.update(1)
-        if finished:
-            bar.update(1)
-        else:
-            bar.set_postfix_str(name)
-    return on_runner
-
-
-def run_bench(loaded: LoadedModel, artifacts_root: Path, selection: Selection = Selection(),
-              settings: BenchSettings = BenchSettings(), bandwidth_megabytes: int = 1024,
-              baselines: Sequence[str] = ()) -> Outcome:
-    """Benchmark every available runner and each requested baseline (llama.cpp, transformers), each in a fresh
-    process; save bench.json, with every runner's ratios to the baselines, into the report folder."""
-    started = time.perf_counter()
-    weights = loaded.weights
-    baselines = list(dict.fromkeys(baselines))
-    check_baselines(baselines, weights)
-    specs, _, skipped, errors = prepare(loaded, artifacts_root, selection)
-    jobs = [BenchJob(spec, str(artifacts_root), weights.slug, weights.source_id, weights.weight_sha256, settings)
-            for spec in specs]
-    with baseline_model_files(weights) if baselines else contextlib.nullcontext() as files:
-        baseline_jobs = [BenchJob(baseline_spec(name, files), str(artifacts_root), weights.slug, weights.source_id,
-                                  weights.weight_sha256, settings, model_path=str(files.path_for(name)))
-                         for name in baselines]
-        with tqdm(total=(len(jobs) + len(baseline_jobs)) * settings.rounds, desc="bench", unit="runner") as bar:
-            measured = bench_all(jobs, bandwidth_megabytes, on_runner=progress_callback(bar),
-                                 baseline_jobs=baseline_jobs)
-    piece = {"model": model_entry(loaded), **measured, "skipped": skipped, "bundle_errors": errors,
-             "seconds": time.perf_counter() - started}
-    report_files.save_piece(report_files.report_dir(artifacts_root, weights.slug), "bench", piece)
-    failed = [row["runner"] for row in [*measured["runners"], *measured["baselines"]] if "error" in row]
-    return Outcome(piece, failed, errors)
-
-
-def save_timings(artifacts_root: Path, slug: str, timings: dict[str, Any]) -> None:
-    """`gemma-export all`'s own stage times (the exports, the whole command) for the report's time table."""
-    report_files.save_piece(report_files.report_dir(artifacts_root, slug), "timings", timings)
-
-
-def stage_summary(timings: dict[str, Any], validation: Outcome, bench: Outcome | None, verbose: bool) -> str:
-    """Where the time went, one line per stage; with `verbose` a line per runner under validate and bench."""
-    lines = ["time per stage:"]
-    lines += [f"  export {fmt:<12} {seconds:7.0f} s" for fmt, seconds in timings["exports"].items()]
-    for stage, outcome in (("validate", validation), ("bench", bench)):
-        if outcome is None:
-            continue
-        lines.append(f"  {stage:<19} {outcome.piece['seconds']:7.0f} s")
-        if verbose:
-            lines += [f"    {row['runner']:<36} {row['seconds']:7.0f} s"
-                      for row in [*outcome.piece["runners"], *outcome.piece.get("baselines", [])]
-                      if row.get("seconds") is not None]
-    lines.append(f"  {'all':<19} {timings['total_seconds']:7.0f} s")
-    return "\n".join(lines)
-
-
-def write_report(artifacts_root: Path, slug: str) -> dict[str, Path]:
-    folder = report_files.report_dir(artifacts_root, slug)
-    if not any((folder / f"{piece}.json").is_file() for piece in report_files.RESULT_PIECES):
-        raise UserError(f"{folder} holds no validation or benchmark results yet",
-                        "run gemma-export validate (and bench) first")
-    return report_files.write_report(folder)
 
 
 def finish(outcome: Outcome, paths: dict[str, Path], what: str) -> None:
@@ -210,8 +42,7 @@ def finish(outcome: Outcome, paths: dict[str, Path], what: str) -> None:
 
 def selection_options(function: Any) -> Any:
     options = [
-        click.option("--model", "model_id", default=DEFAULT_MODEL, show_default=True,
-                     help="The model the bundles were exported from (the reference)."),
+        model_options("The model the bundles were exported from (the reference)."),
         click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"),
                      show_default=True, help="Artifacts root holding <model>/<format>/ bundles."),
         click.option("--formats", multiple=True, type=click.Choice(FORMAT_CHOICES),
@@ -241,6 +72,12 @@ perplexity_tokens_option = click.option(
     help="Tokens of the held-out text each runner's perplexity is measured on.")
 
 
+# The defaults the validate help names, from validation.compare's tables.
+FP32_LIMITS = " / ".join(f"{limit:g} {scale}" for scale, limit in FP32_MAX_LOGIT_DIFF.items())
+TOP1_FLOORS = ", ".join(f"{precision} {thresholds.min_top1_agreement:g}" for precision, thresholds in THRESHOLDS.items()
+                        if thresholds.min_top1_agreement is not None)
+
+
 budget_option = click.option(
     "--budget-s", type=click.FloatRange(min=0, min_open=True), default=BenchSettings.budget_s, show_default=True,
     help="Most seconds the timed runs of one measurement (TTFT, prefill, decode) may take: a runner too slow for "
@@ -261,17 +98,17 @@ baseline_option = click.option(
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Threads of the PyTorch and ONNX Runtime runners; 0 = every core.")
 @click.option("--max-logit-diff", type=click.FloatRange(min=0), default=None,
-              help="Override the max |Δlogit| limit (default: fp32 1e-3 tiny / 5e-3 real; none for others).")
+              help=f"Override the max |Δlogit| limit (default: fp32 {FP32_LIMITS}; none for others).")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
-              help="Override the top-1 agreement floor, as a fraction (default: fp16/bf16 0.99, int8 0.97, int4 0.92).")
+              help=f"Override the top-1 agreement floor, as a fraction (default: {TOP1_FLOORS}; lower on toy models).")
 @baseline_option
-def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
-                     devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
-                     max_new_tokens: int, perplexity_tokens: int, threads: int, max_logit_diff: float | None,
-                     min_top1: float | None, baselines: tuple[str, ...]) -> None:
+def validate_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
+                     precisions: tuple[str, ...], devices: tuple[str, ...], providers: tuple[str, ...],
+                     compute_units: tuple[str, ...], max_new_tokens: int, perplexity_tokens: int, threads: int,
+                     max_logit_diff: float | None, min_top1: float | None, baselines: tuple[str, ...]) -> None:
     """Compare every exported runner with the PyTorch reference; write artifacts/<model>/report/."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)
-    loaded = load(model_id)
+    loaded = load(model_id, revision=revision)
     outcome = run_validation(loaded, out_dir, selection, max_new_tokens, max_logit_diff, min_top1, threads,
                              perplexity_tokens, baselines)
     finish(outcome, write_report(out_dir, loaded.weights.slug), "validation")
@@ -292,15 +129,14 @@ def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], pre
 @click.option("--bandwidth-mb", type=click.IntRange(min=16), default=1024, show_default=True,
               help="Buffer size of the read-bandwidth measurement.")
 @baseline_option
-def bench_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
-                  devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
-                  threads: int, decode_tokens: int, prefill_tokens: int, repeats: int, budget_s: float,
-                  rounds: int,
-                  bandwidth_mb: int, baselines: tuple[str, ...]) -> None:
+def bench_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
+                  precisions: tuple[str, ...], devices: tuple[str, ...], providers: tuple[str, ...],
+                  compute_units: tuple[str, ...], threads: int, decode_tokens: int, prefill_tokens: int,
+                  repeats: int, budget_s: float, rounds: int, bandwidth_mb: int, baselines: tuple[str, ...]) -> None:
     """Measure load time, TTFT, prefill/decode tok/s, peak RSS and % of the bandwidth ceiling per runner, and
     with --baseline each runner's ratio to llama.cpp and/or transformers."""
     selection = selection_from(formats, precisions, devices, providers, compute_units)
-    loaded = load(model_id)
+    loaded = load(model_id, revision=revision)
     settings = BenchSettings(threads=threads, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                              repeats=repeats, budget_s=budget_s, rounds=rounds)
     outcome = run_bench(loaded, out_dir, selection, settings, bandwidth_mb, baselines)
@@ -312,10 +148,24 @@ def bench_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precis
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 def report_command(model_id: str, out_dir: Path) -> None:
     """Render report.json / report.md / report.html from the saved validate and bench results."""
-    from model.weights import load_weights
-
-    paths = write_report(out_dir, load_weights(model_id).slug)
+    paths = write_report(out_dir, source_slug(model_id))
     click.echo(f"report: {paths['md']}  {paths['html']}")
+
+
+def stage_summary(timings: dict[str, Any], validation: Outcome, bench: Outcome | None, verbose: bool) -> str:
+    """Where the time went, one line per stage; with `verbose` a line per runner under validate and bench."""
+    lines = ["time per stage:"]
+    lines += [f"  export {fmt:<12} {seconds:7.0f} s" for fmt, seconds in timings["exports"].items()]
+    for stage, outcome in (("validate", validation), ("bench", bench)):
+        if outcome is None:
+            continue
+        lines.append(f"  {stage:<19} {outcome.piece['seconds']:7.0f} s")
+        if verbose:
+            lines += [f"    {row['runner']:<36} {row['seconds']:7.0f} s"
+                      for row in [*outcome.piece["runners"], *outcome.piece.get("baselines", [])]
+                      if row.get("seconds") is not None]
+    lines.append(f"  {'all':<19} {timings['total_seconds']:7.0f} s")
+    return "\n".join(lines)
 
 
 def register(cli: click.Group) -> None:

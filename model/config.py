@@ -53,7 +53,7 @@ class Gemma3Config:
                                 "fix the model's config.json")
 
     def validate(self) -> None:
-        self.validate_sizes()
+        """Everything but the sizes, which `validate_sizes` checked first."""
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})",
                             "fix the model's config.json")
@@ -73,15 +73,6 @@ class Gemma3Config:
 
     def is_sliding(self, layer_index: int) -> bool:
         return self.layer_types[layer_index] == "sliding_attention"
-
-    @property
-    def num_parameters(self) -> int:
-        attention = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads) + 2 * self.head_dim
-        feed_forward = 3 * self.hidden_size * self.intermediate_size
-        norms = 4 * self.hidden_size
-        embedding = self.vocab_size * self.hidden_size
-        lm_head = 0 if self.tie_word_embeddings else embedding
-        return embedding + lm_head + self.num_layers * (attention + feed_forward + norms) + self.hidden_size
 
     def kv_cache_bytes(self, context_length: int, bytes_per_value: int = 4, batch_size: int = 1) -> int:
         """Bytes of the pre-allocated cache: full layers hold the context, sliding layers one window."""

@@ -88,7 +88,8 @@ def attention_mask_for(query_positions: torch.Tensor, key_positions: torch.Tenso
     return (allowed | (k == q)[None])[:, None]
 
 
-# Below this many keys SDPA's one fused call is quicker; above it the matmul form below is (2.6× at 8k keys).
+# Below this many keys SDPA's one fused call is quicker; above it the matmul form below is (the measured
+# crossover: BENCHMARKS.md, "PyTorch decode attention as `keys @ queries`").
 DECODE_MATMUL_MIN_KEYS = 2048
 # Keys per block of the weighted sum of values: one bmm over the blocks keeps both cores busy.
 VALUE_BLOCK = 512
@@ -106,10 +107,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      ) -> torch.Tensor:
     """Attention of one query per head ([batch, heads, 1, head_dim]) over the cache ([batch, kv_heads, keys,
     head_dim]); mask [batch, 1, 1, keys]. Equal to SDPA with enable_gqa, laid out for the CPU's GEMMs: each kv
-    head's query group is the columns of one `keys @ queries` (MKL runs this tall product ~3× faster than
-    queries @ keysᵀ, and SDPA's CPU kernel for a single query reads the cache at ~2 GB/s), the softmax runs
-    down the keys, and the weighted sum of values is a bmm over blocks of keys (split-K: MKL's 4-row
-    product over 8k keys keeps one core busy, and is slower on two)."""
+    head's query group is the columns of one `keys @ queries` (MKL runs this tall product faster than
+    queries @ keysᵀ, and SDPA's CPU kernel for a single query reads the cache slowly), the softmax runs down
+    the keys, and the weighted sum of values is a bmm over blocks of keys (split-K: MKL's few-row product over a
+    long cache keeps one core busy, and is slower on two). Timings: BENCHMARKS.md."""
     batch, heads, _, head_dim = q.shape
     kv_heads = k.shape[1]
     queries = (q * scale).reshape(batch, kv_heads, heads // kv_heads, head_dim).transpose(-1, -2)
@@ -164,8 +165,8 @@ class Attention(nn.Module):
             k, v, key_positions, key_valid = cache.update(k, v, positions, valid)
         mask = attention_mask_for(positions, key_positions, key_valid, self.sliding_window)
         # Grouped-query attention reads each kv head for its `num_heads // num_kv_heads` query heads in place;
-        # repeat_interleave would copy the whole cache that many times per step (4× on Gemma 3 270M: 768 MB
-        # per token at 32k context; the attention of one full layer at 8k context went from 93 to 16 ms).
+        # repeat_interleave would copy the whole cache that many times per step (BENCHMARKS.md, "`enable_gqa`
+        # instead of `repeat_interleave`").
         if uses_decode_matmul(q, k):
             out = decode_attention(q, k, v, mask, self.scale)
         else:

@@ -60,10 +60,9 @@ def _decode_step(model: Gemma3Model, cache: KVCache, token: torch.Tensor, positi
 
 class CapturedDecodeStep:
     """The decode step recorded once as a CUDA graph over static input buffers and replayed per token: one
-    launch instead of ~700 kernel launches (18 layers), which bound a GPU step of a model this small (H200,
-    bf16: 47 → 256 tok/s with the eager step, 737 with the compiled one; BENCHMARKS.md). The cache is updated
-    in place, so its buffers — and so the graph — stay valid for the Generator's life; `reset` zeroes them in
-    place."""
+    launch instead of one per kernel (hundreds a step), whose issuing from Python bounds a GPU step of a model
+    this small (BENCHMARKS.md, "CUDA"). The cache is updated in place, so its buffers — and so the graph — stay
+    valid for the Generator's life; `reset` zeroes them in place."""
 
     def __init__(self, generator: "Generator", token: torch.Tensor) -> None:
         self.generator = generator

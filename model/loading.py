@@ -9,9 +9,8 @@ import torch
 from model.errors import UserError
 from model.gemma3 import Gemma3Model
 from model.tokenizer import GemmaTokenizer
-from model.weights import LoadedWeights, default_gguf_path, load_weights
+from model.weights import DEFAULT_MODEL, LoadedWeights, default_gguf_path, load_weights
 
-DEFAULT_MODEL = "gemma-3-270m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

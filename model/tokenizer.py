@@ -16,6 +16,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
 from model.errors import UserError
+from model.files import write_atomic
 
 SPACE = "▁"
 BOS, EOS, UNK, PAD = "<bos>", "<eos>", "<unk>", "<pad>"
@@ -98,11 +99,7 @@ class GemmaTokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json atomically: a reader never sees half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(self.tokenizer.to_str(), encoding="utf-8")
-        os.replace(temporary, path)
+        write_atomic(Path(path), self.tokenizer.to_str())
 
 
 class StreamDecoder:

@@ -36,35 +36,71 @@ UNKNOWN_SOURCE_FIX = ("use gemma-3-270m, random:tiny|270m|1b, a hub id like goog
 class LoadedWeights:
     config: Gemma3Config
     state_dict: dict[str, torch.Tensor]
-    source_id: str
+    source_id: str  # with `revision`, what load_weights takes to read these weights again
     weight_sha256: str
     tokenizer_file: Path | None = None
     gguf_file: Path | None = None
     slug: str = ""
     from_cache: bool = False  # True when a GGUF was read from the dequantized cache instead of dequantized again
+    revision: str | None = None  # the hub revision, when one was asked for
+
+    @property
+    def source_label(self) -> str:
+        """How manifests and reports name the source: the id, and `@revision` when there is one."""
+        return self.source_id if self.revision is None else f"{self.source_id}@{self.revision}"
 
 
 def load_weights(source: str, revision: str | None = None) -> LoadedWeights:
     if revision is not None and not looks_like_hub_id(source):
         raise UserError(f"--revision only applies to hub ids, not {source!r}", "drop --revision")
-    if source.startswith("random:"):
+    kind, path = locate_source(source)
+    if kind == "random":
         return random_weights(source)
-    if source == DEFAULT_MODEL:
+    if kind == "default":
         return load_gguf(default_gguf_path(), source_id=DEFAULT_MODEL, slug=DEFAULT_MODEL)
+    if kind == "folder":
+        return load_hf_directory(path)
+    if kind == "gguf":
+        return load_gguf(path)
+    weights = load_hf_directory(download_from_hub(source, revision), source_id=source, slug=safe_slug(source))
+    weights.revision = revision
+    return weights
+
+
+def locate_source(source: str) -> tuple[str, Path | None]:
+    """Which kind of source `source` names ("random", "default", "folder", "gguf" or "hub") and, for the two
+    kinds on disk, its path; nothing is read yet."""
+    if source.startswith("random:"):
+        return "random", None
+    if source == DEFAULT_MODEL:
+        return "default", None
     path = Path(source).expanduser()
     if path.is_dir():
-        return load_hf_directory(path)
+        return "folder", path
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{source} is a file but not a .gguf file", UNKNOWN_SOURCE_FIX)
-        return load_gguf(path)
+        return "gguf", path
     if source.lower().endswith(".gguf") or source.startswith(("/", "./", "../", "~", "\\")):
         raise UserError(f"{source} does not exist", "check the path")
     if looks_like_hub_id(source):
-        folder = download_from_hub(source, revision)
-        source_id = source if revision is None else f"{source}@{revision}"
-        return load_hf_directory(folder, source_id=source_id, slug=safe_slug(source))
+        return "hub", None
     raise UserError(f"unknown model id {source!r}", UNKNOWN_SOURCE_FIX)
+
+
+def source_slug(source: str) -> str:
+    """The folder under artifacts/ of `load_weights(source)` (its `.slug`), without reading, dequantizing or
+    downloading any weights."""
+    kind, path = locate_source(source)
+    if kind == "random":
+        return random_slug(*parse_random_source(source))
+    if kind == "default":
+        return DEFAULT_MODEL
+    if kind == "folder":
+        return folder_slug(path)
+    if kind == "gguf":
+        return gguf_slug(path)
+    return safe_slug(source)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,13 +191,22 @@ def is_norm(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # (e) random:<preset>[:<seed>]
 
-def random_weights(source: str) -> LoadedWeights:
+def parse_random_source(source: str) -> tuple[str, int]:
+    """`random:<preset>[:<seed>]` → (preset name, seed)."""
     _, preset_name, *rest = source.split(":")
     if preset_name not in PRESETS or len(rest) > 1 or (rest and not rest[0].isdigit()):
         raise UserError(f"bad random model id {source!r}",
                         f"use random:<preset> or random:<preset>:<seed> with a preset of {'|'.join(PRESETS)}, "
                         "e.g. random:tiny:7")
-    seed = int(rest[0]) if rest else DEFAULT_SEED
+    return preset_name, int(rest[0]) if rest else DEFAULT_SEED
+
+
+def random_slug(preset_name: str, seed: int) -> str:
+    return safe_slug(f"random-{preset_name}" if seed == DEFAULT_SEED else f"random-{preset_name}-{seed}")
+
+
+def random_weights(source: str) -> LoadedWeights:
+    preset_name, seed = parse_random_source(source)
     config = PRESETS[preset_name]
     generator = torch.Generator().manual_seed(seed)
     state_dict = {}
@@ -173,7 +218,7 @@ def random_weights(source: str) -> LoadedWeights:
     suffix = "" if seed == DEFAULT_SEED else f":{seed}"
     return LoadedWeights(config, state_dict, source_id=f"random:{preset_name}{suffix}",
                          weight_sha256=hashlib.sha256(identity.encode()).hexdigest(),
-                         slug=safe_slug(f"random-{preset_name}{suffix.replace(':', '-')}"))
+                         slug=random_slug(preset_name, seed))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +251,7 @@ def load_gguf(path: Path, source_id: str | None = None, slug: str | None = None)
         config, state_dict = dequantize_gguf(path)
         write_gguf_cache(digest, config, state_dict)
     return LoadedWeights(config, state_dict, source_id=source_id or str(path), weight_sha256=digest,
-                         gguf_file=path, slug=slug or safe_slug(path.stem), from_cache=cached is not None)
+                         gguf_file=path, slug=slug or gguf_slug(path), from_cache=cached is not None)
 
 
 def source_block_grids(weights: LoadedWeights, requantize: bool = False) -> dict[str, BlockGrid]:
@@ -340,7 +385,7 @@ def load_hf_directory(folder: Path, source_id: str | None = None, slug: str | No
     return LoadedWeights(config, read_tensors(names, locations), source_id=source_id or str(folder),
                          weight_sha256=sha256_of_files(files),
                          tokenizer_file=tokenizer_file if tokenizer_file.is_file() else None,
-                         slug=slug or safe_slug(folder.name))
+                         slug=slug or folder_slug(folder))
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -501,9 +546,19 @@ def sha256_of_files(files: list[Path]) -> str:
     return hashlib.sha256("".join(f"{name} {hexdigest}\n" for name, hexdigest in digests).encode()).hexdigest()
 
 
+def gguf_slug(path: Path) -> str:
+    return safe_slug(Path(path).resolve().stem)
+
+
+def folder_slug(folder: Path) -> str:
+    return safe_slug(Path(folder).resolve().name)
+
+
 def safe_slug(name: str) -> str:
-    """A folder name for artifacts/<slug>/: `owner/name` → `owner--name`; never '/', '..' or a leading dot."""
+    """A folder name for artifacts/<slug>/: `owner/name` → `owner--name`; never '/', '..' or a leading dot. The
+    bundle writer accepts a slug only when this function gives it back unchanged."""
     slug = re.sub(r"[^A-Za-z0-9._-]", "-", name.replace("/", "--").replace("\\", "--"))
-    # Trailing dots and dashes go too: exporters.artifact.safe_slug strips them, and must get this slug back.
+    # `..` would name a parent folder, a leading dot hides the folder (and marks the staging folders), a leading
+    # dash reads as a command-line option; trailing ones go too, so that a slug is its own slug.
     slug = re.sub(r"\.{2,}", ".", slug).lstrip(".-")[:120].rstrip(".-")
     return slug or "model"

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from exporters import artifact
-from exporters.artifact import BundleWriter, load_bundle, safe_slug
+from exporters.artifact import BundleWriter, load_bundle
 from model.config import PRESETS
 from model.errors import UserError
+from model.files import write_atomic
+from model.weights import safe_slug
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
@@ -277,21 +279,28 @@ def test_missing_bundle_folder_is_a_user_error(tmp_path):
         load_bundle(tmp_path, "tiny", "onnx")
 
 
+# The folder names the weights loader has always made (model.weights.safe_slug, the one definition): bundles
+# exported before stay where validate and report look for them.
 @pytest.mark.parametrize("text, slug", [
     ("google/gemma-3-270m", "google--gemma-3-270m"), ("random:tiny", "random-tiny"),
-    ("../../etc", "etc"), (".hidden", "hidden"), ("a..b", "a.b"), ("Gemma 3 (q4).", "Gemma-3-q4"),
+    ("../../etc", "etc"), (".hidden", "hidden"), ("a..b", "a.b"), ("Gemma 3 (q4).", "Gemma-3--q4"), ("..", "model"),
 ])
-def test_safe_slug(text, slug):
+def test_safe_slug(text, slug, tmp_path):
     assert safe_slug(text) == slug
+    with BundleWriter(tmp_path, slug, "onnx") as bundle:  # the writer takes every slug the loader makes
+        (bundle.path / "model.onnx").write_bytes(b"graph")
+        bundle.add_variant("fp32", files=["model.onnx"], io=IO)
+        bundle.finish(config=TINY, tokenizer=FakeTokenizer(), source=SOURCE)
+    assert load_bundle(tmp_path, slug, "onnx").path == tmp_path / slug / "onnx"
 
 
 def test_writer_refuses_unsafe_slug_and_unknown_format(tmp_path):
-    with pytest.raises(UserError, match="is not a safe folder name"):
+    with pytest.raises(UserError, match="'../escape' is not a safe folder name; use 'escape'"):
         BundleWriter(tmp_path, "../escape", "onnx")
+    with pytest.raises(UserError, match="'Gemma 3' is not a safe folder name; use 'Gemma-3'"):
+        BundleWriter(tmp_path, "Gemma 3", "onnx")
     with pytest.raises(UserError, match="unknown export format 'gguf'; use one of: torchscript, onnx, coreml"):
         BundleWriter(tmp_path, "tiny", "gguf")
-    with pytest.raises(UserError, match="cannot make a folder name"):
-        safe_slug("..")
 
 
 def test_read_only_artifacts_root_is_a_user_error(tmp_path, monkeypatch):
@@ -398,3 +407,17 @@ def test_forgetting_finish_is_a_programming_error(tmp_path):
         with BundleWriter(tmp_path, "tiny", "onnx"):
             pass
     assert not (tmp_path / "tiny" / "onnx").exists() and leftovers(tmp_path) == []
+
+
+def test_an_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """model.files.write_atomic, the one writer of manifests, reports and tokenizer.json."""
+    path = tmp_path / "report" / "report.md"
+    write_atomic(path, "old")
+
+    def full_disk_fsync(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk_fsync)
+    with pytest.raises(OSError):
+        write_atomic(path, "new")
+    assert path.read_text(encoding="utf-8") == "old" and [p.name for p in path.parent.iterdir()] == ["report.md"]

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from exporters.artifact import BundleWriter
 from exporters.signature import decoder_io
 from model.tokenizer import GemmaTokenizer
-from model.weights import load_weights, save_hf_directory
+from model.weights import LoadedWeights, load_weights, save_hf_directory
 from conftest import gemma_export
 from test_weights import write_tiny_gguf
 
@@ -113,7 +113,7 @@ def online(hub: str) -> dict[str, str]:
 class Workspace:
     root: Path
     out: Path
-    tiny: object
+    tiny: LoadedWeights  # random:tiny's weights
     hub: str
 
     def hf_dir(self, name: str = "tiny-hf") -> Path:
@@ -329,7 +329,8 @@ def preexec_for(case: Case) -> Callable[[], None] | None:
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_weights():
+    """random:tiny's weights only (conftest's `tiny` is the loaded model)."""
     return load_weights("random:tiny")
 
 
@@ -363,8 +364,8 @@ def markdown_table() -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bad_input_ends_in_one_clear_line(case, tiny, fake_hub, tmp_path):
-    ws = Workspace(tmp_path, tmp_path / "artifacts", tiny, fake_hub)
+def test_bad_input_ends_in_one_clear_line(case, tiny_weights, fake_hub, tmp_path):
+    ws = Workspace(tmp_path, tmp_path / "artifacts", tiny_weights, fake_hub)
     args = case.build(ws)
     preexec_fn = preexec_for(case)
     before = bundle_state(ws.out)
@@ -384,7 +385,7 @@ def test_bad_input_ends_in_one_clear_line(case, tiny, fake_hub, tmp_path):
     OUTCOMES[case.name] = ("pass", OUTCOMES[case.name][1])
 
 
-def test_disk_full_during_export_leaves_no_half_bundle(tiny, tmp_path, monkeypatch, capsys):
+def test_disk_full_during_export_leaves_no_half_bundle(tmp_path, monkeypatch, capsys):
     """ENOSPC can't be provoked for real without root mounts: the model file's write fails halfway instead."""
     from gemma_export.cli import cli
     from gemma_export.errors import run_cli as run_in_process

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_export.validation_commands import run_bench, run_validation, write_report
+from validation.pipeline import run_bench, run_validation, write_report
 from model.loading import load
 from model.tokenizer import tiny_vocabulary
 from model.weights import GGUF_NAMES, is_norm, save_hf_directory, source_names

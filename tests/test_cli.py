@@ -56,3 +56,30 @@ def test_debug_shows_the_traceback():
     result = gemma_export("--debug", "generate", "--model", "no-such-model", "--prompt", "x")
     assert result.returncode == 2
     assert "Traceback" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_debug_is_the_group_option_not_any_word_of_the_command_line():
+    """`--debug` as an option's value (here the prompt) is text to that option, not a request for tracebacks."""
+    result = gemma_export("generate", "--model", "no-such-model", "--prompt", "--debug")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown model id 'no-such-model'; use gemma-3-270m, random:tiny|270m|1b, a hub id like "
+        "google/gemma-3-270m, a .gguf file or a model folder"]
+
+
+def test_formats_and_precisions_come_from_the_one_registry():
+    """exporters/registry.py's FORMATS: each exporter's per-precision table, the bundle reader, the validation
+    runners and the CLI's choices and help all follow it."""
+    from exporters import artifact, coreml, onnx, torchscript
+    from exporters.registry import FORMATS
+    from validation.runners import BACKENDS, FORMAT_CHOICES, IN_MEMORY_FORMAT
+
+    assert set(onnx.MODEL_FILES) == set(FORMATS["onnx"].precisions)
+    assert set(torchscript.PRECISION_DTYPES) == set(FORMATS["torchscript"].precisions)
+    assert set(coreml.PACKAGE_NAMES) == set(coreml.PRECISIONS) == set(FORMATS["coreml"].precisions)
+    assert artifact.FORMATS is FORMATS and FORMAT_CHOICES == (IN_MEMORY_FORMAT, *FORMATS)
+    assert {backend.bundle_format for backend in BACKENDS.values()} == {None, *FORMATS}
+    help_text = " ".join(gemma_export("export", "--help").stdout.split())
+    assert "--format [" + "|".join(FORMATS) + "]" in help_text
+    for fmt, info in FORMATS.items():
+        assert f"{fmt}: {'|'.join(info.precisions)} (default {info.default_precision})" in help_text

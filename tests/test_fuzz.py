@@ -282,11 +282,10 @@ def cli_without_work():
     """The real click group and run_cli, with model loading replaced by a stand-in that stops after parsing."""
     import gemma_export.cli
     import gemma_export.validation_commands
-    import model.weights
     patch = pytest.MonkeyPatch()
     for module in (gemma_export.cli, gemma_export.validation_commands):
         patch.setattr(module, "load", stand_in_load)
-    patch.setattr(model.weights, "load_weights", lambda *args, **kwargs: stand_in_load())
+    patch.setattr(gemma_export.validation_commands, "source_slug", lambda *args, **kwargs: stand_in_load())
     yield gemma_export.cli.cli
     patch.undo()
     logging.disable(logging.NOTSET)  # run_cli quiets logging for the whole process

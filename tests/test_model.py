@@ -152,6 +152,16 @@ def test_cache_size_at_32k_for_270m_is_what_the_readme_says():
     assert PRESETS["270m"].kv_cache_bytes(32_768) == 217_055_232  # 207 MiB in fp32 (README)
 
 
+
+def test_a_config_checks_its_sizes_once(monkeypatch):
+    """Before the layer types are derived (they divide by the pattern), and not again in validate()."""
+    from model.config import PRESETS, Gemma3Config
+    checked = []
+    validate_sizes = Gemma3Config.validate_sizes
+    monkeypatch.setattr(Gemma3Config, "validate_sizes", lambda config: checked.append(validate_sizes(config)))
+    PRESETS["tiny"].replace(num_layers=3)
+    assert len(checked) == 1
+
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("keys", [300, 1100, 2065])
 def test_decode_attention_equals_sdpa(kv_heads, keys):

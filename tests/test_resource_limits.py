@@ -169,7 +169,7 @@ MEASURE_VALIDATION = r"""
 import json, sys
 from pathlib import Path
 import torch
-import gemma_export.validation_commands as commands
+import validation.pipeline as pipeline
 from model.loading import load
 from validation.memory import reset_peak_rss, status_bytes
 from validation.runners import REFERENCE_SPEC, Selection
@@ -180,7 +180,7 @@ import exporters.onnx, exporters.torchscript, onnxruntime
 out, ballast_bytes = Path(sys.argv[1]), int(sys.argv[2])
 loaded = load("random:tiny")
 opened = []
-open_runner = commands.make_runner
+open_runner = pipeline.make_runner
 
 
 def open_runner_with_ballast(spec, *args, **kwargs):
@@ -192,10 +192,10 @@ def open_runner_with_ballast(spec, *args, **kwargs):
     return runner
 
 
-commands.make_runner = open_runner_with_ballast
+pipeline.make_runner = open_runner_with_ballast
 reset_peak_rss()
 base = status_bytes()["VmRSS"]
-outcome = commands.run_validation(loaded, out, Selection(formats=("torchscript", "onnx")), max_new_tokens=4,
+outcome = pipeline.run_validation(loaded, out, Selection(formats=("torchscript", "onnx")), max_new_tokens=4,
                                   threads=2)
 final = status_bytes()
 print(json.dumps({"base": base, "final": final["VmRSS"], "peak": final["VmHWM"], "opened": opened,

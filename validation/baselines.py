@@ -68,7 +68,7 @@ def check_baselines(baselines: Sequence[str], weights: LoadedWeights) -> None:
         if baseline == LLAMA_CPP and not llama_cpp_installed():
             raise UserError("llama-cpp-python is not installed", 'pip install -e ".[baseline]"')
         if baseline == LLAMA_CPP and weights.gguf_file is None:
-            raise UserError(f"the llama.cpp baseline needs a GGUF model, and {weights.source_id} is not one",
+            raise UserError(f"the llama.cpp baseline needs a GGUF model, and {weights.source_label} is not one",
                             "use --model gemma-3-270m or a .gguf file, or leave out --baseline llama.cpp")
         if baseline == TRANSFORMERS and importlib.util.find_spec("transformers") is None:
             raise UserError("transformers is not installed", 'pip install -e ".[test]"')

@@ -69,6 +69,7 @@ class BenchJob:
     weight_sha256: str
     settings: BenchSettings
     model_path: str = ""  # the GGUF file or Hugging Face folder a baseline opens; "" for our runners
+    revision: str | None = None  # the hub revision of model_id, if one was asked for
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "spec": self.spec.to_dict()})
@@ -146,7 +147,7 @@ def run_job(job: BenchJob) -> dict[str, Any]:
     settings = job.settings
     set_thread_count(settings.threads)
     backend = BACKENDS[job.spec.backend]
-    model = load(job.model_id).model if backend.bundle_format is None else None
+    model = load(job.model_id, revision=job.revision).model if backend.bundle_format is None else None
     # bench_all's caller verified every file's sha256 before starting this process (prepare): hashing a
     # format's whole bundle again in each runner's process would cost more than measuring some runners.
     bundles, problems = ({}, []) if model is not None else load_bundles(

@@ -22,7 +22,8 @@ from typing import Any
 
 import psutil
 
-from exporters.artifact import library_versions
+from exporters.artifact import VERSIONED_PACKAGES, library_versions
+from model.files import write_atomic
 from validation.baselines import RATIO_METRICS
 
 RESULT_PIECES = ("validation", "bench")
@@ -33,13 +34,6 @@ EXTRA_VERSIONED_PACKAGES = ("numpy", "tokenizers", "matplotlib", "click")
 
 def report_dir(artifacts_root: Path, slug: str) -> Path:
     return Path(artifacts_root) / slug / "report"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def json_safe(value: Any) -> Any:
@@ -84,15 +78,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata
-
-    found = library_versions()
-    for package in EXTRA_VERSIONED_PACKAGES:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
+    return library_versions((*VERSIONED_PACKAGES, *EXTRA_VERSIONED_PACKAGES))
 
 
 def build_report(folder: Path) -> dict[str, Any]:

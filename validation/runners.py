@@ -27,14 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporters.artifact import FORMATS, Bundle, BundleVariant, load_bundle
+from exporters.artifact import Bundle, BundleVariant, load_bundle
+from exporters.coreml import COMPUTE_UNITS as COREML_COMPUTE_UNITS
+from exporters.registry import FORMATS
 from model.errors import UserError
 from model.gemma3 import Gemma3Model
 
 TORCH_DEVICES = ("cpu", "cuda", "mps")
 # ONNX Runtime execution providers by their short names (the CLI takes either form).
 ONNX_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "coreml": "CoreMLExecutionProvider"}
-COREML_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 # The reference generator's cache: enough for every validation prompt and benchmark run on every preset.
 DEFAULT_MAX_LENGTH = 2048
 
@@ -183,7 +184,8 @@ def check_bundle_source(bundle: Bundle, weight_sha256: str) -> None:
     if source.get("weight_sha256") != weight_sha256:
         raise UserError(f"{bundle.path} was exported from other weights ({source.get('model_id')}, sha256 "
                         f"{str(source.get('weight_sha256'))[:12]}…) than the model being validated "
-                        f"(sha256 {weight_sha256[:12]}…)", "re-export it from this model, or pass its --model")
+                        f"(sha256 {weight_sha256[:12]}…)",
+                        "re-export it from this model, or pass its --model (and --revision)")
 
 
 # -------------------------------------------------------------------------------------------------- specs
