@@ -1,6 +1,6 @@
 """Which rounding a float source's int4/int8 ONNX files get, decided by the gate's numbers: the default model's
 weights written as a float Hugging Face folder (a float source: no grids of its own), exported once per
-quantizer of `exporters.onnx_quantize.FLOAT_QUANTIZERS` and judged by `gemma-export validate`'s gate (mean KL,
+quantizer of `exporters.weight_grids.FLOAT_QUANTIZERS` and judged by `gemma-export validate`'s gate (mean KL,
 top-1, perplexity ratio over the prompts and the held-out text) against that folder's fp32 reference.
 
     python benchmarks/float_source_quantizers.py --out /tmp/quantizers --precision int4
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-import exporters.onnx_quantize as onnx_quantize
+import exporters.weight_grids as weight_grids
 from exporters.registry import export_bundle
 from validation.pipeline import run_validation
 from model.loading import load
@@ -30,7 +30,7 @@ GATE_COLUMNS = ("teacher_forced_steps", "mean_kl_divergence", "top1_agreement", 
 @click.option("--model", "model_id", default="gemma-3-270m", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--precision", "precisions", multiple=True, default=("int4",), show_default=True)
-@click.option("--quantizer", "quantizers", multiple=True, default=tuple(onnx_quantize.FLOAT_QUANTIZERS),
+@click.option("--quantizer", "quantizers", multiple=True, default=tuple(weight_grids.FLOAT_QUANTIZERS),
               show_default=True)
 def main(model_id: str, out_dir: Path, precisions: tuple[str, ...], quantizers: tuple[str, ...]) -> None:
     source = load(model_id)
@@ -41,7 +41,7 @@ def main(model_id: str, out_dir: Path, precisions: tuple[str, ...], quantizers: 
     print("| quantizer | precision | " + " | ".join(GATE_COLUMNS) + " | size MB |")
     print("|---|---|" + "---:|" * (len(GATE_COLUMNS) + 1))
     for quantizer in quantizers:
-        onnx_quantize.FLOAT_QUANTIZER = quantizer
+        weight_grids.FLOAT_QUANTIZER = quantizer
         root = out_dir / quantizer.replace(" ", "-")
         export_bundle(loaded, "onnx", list(precisions), root)
         outcome = run_validation(loaded, root, Selection(formats=("onnx",), precisions=precisions))

@@ -49,6 +49,7 @@ from exporters.coreml_grids import with_source_grids
 from exporters.progress import Progress, report
 from exporters.registry import FORMATS, check_precisions
 from exporters.signature import ExportedVariant, tensor_spec
+from exporters.weight_grids import QUANTIZED_BITS, model_grids
 from model.block_grids import BlockGrid
 from model.config import Gemma3Config
 from model.errors import UserError
@@ -67,7 +68,9 @@ ANE_MAX_DIMENSION = 16_384
 RESIDUAL_SCALE = 16.0
 # The smallest normal fp16: the floor of max |x| in RMSNorm, so an all-zero row divides by a number, not 0.
 FP16_SMALLEST_NORMAL = 2.0 ** -14
-INT4_BLOCK_SIZE = 32
+# Core ML computes in fp16 whatever the weights' grid, so the block only sets how closely the weights follow the
+# float ones: 32, the size of most GGUF blocks (a source's own 16-weight blocks stay as they are).
+GRID_BLOCK_SIZE = 32
 GEMMA_LICENSE = "Gemma Terms of Use: https://ai.google.dev/gemma/terms"
 COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 
@@ -367,30 +370,13 @@ def state_types(names: list[str], shape: tuple[int, ...]) -> list[Any]:
 
 def compressed(converted: Any, model: Gemma3Model, precision: str, source_grids: Mapping[str, BlockGrid],
                lm_head_chunks: int) -> Any:
-    """The source's grids where it has them; the rest rounded by `compress` (everything, for a float source)."""
-    mlmodel = converted
-    if source_grids:
-        mlmodel = with_source_grids(converted, source_grids, EMBEDDING, lm_head_chunks)
-    matrices = [name for name, parameter in model.state_dict().items() if parameter.dim() == 2]
-    return mlmodel if set(matrices) <= set(source_grids) else compress(mlmodel, precision)
-
-
-def compress(mlmodel: Any, precision: str) -> Any:
-    """int8: per-output-channel symmetric weights; int4: symmetric blocks of 32 along the input dimension.
-    Compute stays fp16. The weights of `linear` ops are compressed, and the `gather`s that read the same
-    constants (the tied embedding) with them; the RoPE tables (gathered too) and the norm gains stay fp16."""
-    import coremltools.optimize.coreml as cto
-
-    if precision == "int8":
-        weights = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
-    else:
-        weights = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
-                                              block_size=INT4_BLOCK_SIZE)
-    rope_lookups = [op.name for op in mlmodel._mil_program.functions["main"].operations
-                    if op.op_type == "gather" and op.x.name.startswith("rope_")]
-    config = cto.OptimizationConfig(global_config=None, op_type_configs={"linear": weights, "gather": weights},
-                                    op_name_configs={name: None for name in rope_lookups})
-    return cto.linear_quantize_weights(mlmodel, config)
+    """Every weight matrix as its grid (exporters/weight_grids.py: the source's own, else the float weights
+    rounded, the embedding at 8 bits), in blocks of at most GRID_BLOCK_SIZE."""
+    bits = QUANTIZED_BITS[precision]
+    grids = model_grids(model, source_grids, bits, GRID_BLOCK_SIZE)
+    originals = {name: parameter.detach().float().numpy() for name, parameter in model.state_dict().items()
+                 if name in grids}
+    return with_source_grids(converted, grids, originals, EMBEDDING, lm_head_chunks)
 
 
 def describe(mlmodel: Any, config: Gemma3Config, precision: str, max_context: int,

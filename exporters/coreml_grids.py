@@ -1,6 +1,7 @@
-"""Core ML int8 / int4 packages that hold a quantized source's own grids instead of re-rounding its weights.
+"""Core ML int8 / int4 packages whose weights are the block grids of exporters/weight_grids.py: a quantized
+source's own grids (not its weights rounded again), or a float source's weights rounded.
 
-Each weight constant of the converted fp16 program that is a source tensor (a linear layer's weight, or a row
+Each weight constant of the converted fp16 program that is a model weight (a linear layer's weight, or a row
 block of the tied embedding, which the LM head and the input lookup share) becomes a
 `constexpr_blockwise_shift_scale` (iOS 18) of that tensor's grid: weight = scale · (data − offset), uint8 or
 uint4 data, fp16 scales. Integer zero points are the offset as they are; a Q4_K block's minimum folds into a
@@ -29,18 +30,19 @@ def weight_key(weight: np.ndarray) -> tuple[tuple[int, ...], int]:
     return weight.shape, hash(np.ascontiguousarray(weight, dtype=np.float16).tobytes())
 
 
-def grids_by_weight(grids: Mapping[str, BlockGrid], embedding: str, embedding_blocks: int
-                    ) -> dict[tuple[tuple[int, ...], int], BlockGrid]:
-    """Each constant the program may hold (fp16 of a grid's weights; the embedding in `embedding_blocks` row
-    blocks), keyed by shape and content."""
+def grids_by_weight(grids: Mapping[str, BlockGrid], originals: Mapping[str, np.ndarray], embedding: str,
+                    embedding_blocks: int) -> dict[tuple[tuple[int, ...], int], BlockGrid]:
+    """Each constant the program holds (fp16 of the weight it was converted from: `originals`; the embedding in
+    `embedding_blocks` row blocks), keyed by shape and content, → the grid that replaces it."""
     table = {}
     for name, grid in grids.items():
-        parts = [grid]
+        pairs = [(grid, originals[name])]
         if name == embedding:
             rows = grid.shape[0] // embedding_blocks
-            parts = [row_block(grid, start, start + rows) for start in range(0, grid.shape[0], rows)]
-        for part in parts:
-            table[weight_key(part.weight())] = part
+            pairs = [(row_block(grid, start, start + rows), originals[name][start:start + rows])
+                     for start in range(0, grid.shape[0], rows)]
+        for part, original in pairs:
+            table[weight_key(original)] = part
     return table
 
 
@@ -62,15 +64,17 @@ def shift_scale_arguments(grid: BlockGrid) -> dict[str, np.ndarray]:
     return {"data": data, "scale": np.where(flat, 1.0, scale).astype(np.float16), "offset": offset.astype(np.float16)}
 
 
-def with_source_grids(mlmodel: Any, grids: Mapping[str, BlockGrid], embedding: str, embedding_blocks: int) -> Any:
+def with_source_grids(mlmodel: Any, grids: Mapping[str, BlockGrid], originals: Mapping[str, np.ndarray],
+                      embedding: str, embedding_blocks: int) -> Any:
     """A new package whose weight constants are the grids': one per grid, `embedding_blocks` for the embedding's,
-    or the export fails (a constant the conversion changed would otherwise stay fp16 without a word)."""
+    or the export fails (a constant the conversion changed would otherwise stay fp16 without a word). Each
+    constant is found by the float weight it was converted from (`originals`, by parameter name)."""
     from coremltools.converters.mil.mil import Builder as mb
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
     from coremltools.converters.mil.mil.passes.helper import block_context_manager
     from coremltools.models.utils import _apply_graph_pass
 
-    table = grids_by_weight(grids, embedding, embedding_blocks)
+    table = grids_by_weight(grids, originals, embedding, embedding_blocks)
     replaced = []
 
     class CarrySourceGrids(AbstractGraphPass):

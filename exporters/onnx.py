@@ -48,14 +48,14 @@ from model.config import Gemma3Config
 from model.errors import UserError
 from model.gemma3 import Attention, FeedForward, Gemma3Model, RMSNorm, apply_rope, attention_mask_for
 from model.kv_cache import ConcatKVCache, ConcatLayerKVCache
-from exporters.onnx_quantize import ACCURACY_LEVEL, model_grids, quantized_model_graph
+from exporters.onnx_quantize import ACCURACY_LEVEL, BLOCK_SIZE, quantized_model_graph
 from exporters.progress import Progress, report
 from exporters.registry import check_precisions
 from exporters.signature import ExportedVariant, decoder_io, past_names, tensor_spec
+from exporters.weight_grids import QUANTIZED_BITS, model_grids
 from model.block_grids import BlockGrid
 
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx", "int4": "model_q4.onnx"}
-QUANTIZED_BITS = {"int8": 8, "int4": 4}
 OPSET = 18
 LOGITS = "logits"
 # Optional input: logits of the last N positions only (0, the default: all). The name ORT GenAI models use.
@@ -100,7 +100,8 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], pr
         graph, grids = traced, None
         if precision in QUANTIZED_BITS:
             report(progress, "quantize")
-            grids = model_grids(model, source_grids or {}, QUANTIZED_BITS[precision])
+            bits = QUANTIZED_BITS[precision]
+            grids = model_grids(model, source_grids or {}, bits, BLOCK_SIZE[bits])
             graph = quantized_model_graph(traced, model, grids)  # a new graph: `traced` stays as it was
         elif precision == "fp16":
             report(progress, "float16")

@@ -6,8 +6,8 @@
 - The tied embedding / LM head is one uint8 initializer read by both a `MatMulNBits` (the head) and a
   `GatherBlockQuantized` (the rows), so the 262,144 × 640 table is stored once, at 8 bits.
 
-Where the grids come from is the caller's: a quantized GGUF's own (`model.block_grids.gguf_grids`, carried
-exactly), else rounding of the float weights (layers at the precision's bits, the embedding at 8).
+Where the grids come from is exporters/weight_grids.py's rule (a quantized source's own, else the float weights
+rounded; the embedding at 8 bits).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from dataclasses import replace
 import numpy as np
 import onnx_ir as ir
 
-from model.block_grids import BlockGrid, least_squares_clipped, round_to_nearest, stacked
+from exporters.weight_grids import EMBEDDING_BITS
+from model.block_grids import BlockGrid, stacked
 from model.gemma3 import Gemma3Model
 from model.weights import EMBEDDING
 
 MS_DOMAIN = "com.microsoft"
-EMBEDDING_BITS = 8
 # MatMulNBits accuracy level 4 quantizes activations to int8 per block on CPU: decode is many times faster than
 # at level 0, which dequantizes every weight each call (BENCHMARKS.md).
 ACCURACY_LEVEL = 4
@@ -31,28 +31,6 @@ ACCURACY_LEVEL = 4
 # are rounded: int8, the high-fidelity file, splits every grid into blocks of 16 (the same weights; one more
 # scale per 16); int4, the fast one, keeps blocks of 32 (or the source's own, where smaller).
 BLOCK_SIZE = {8: 16, 4: 32}
-# How a float source's weights are rounded (a quantized source's own grids are carried as they are), picked by
-# benchmarks/float_source_quantizers.py on the gate's numbers: least-squares clipping is closer to the model at
-# 4 bits and the same at 8 (BENCHMARKS.md).
-FLOAT_QUANTIZERS = {"round-to-nearest": round_to_nearest, "least-squares clipped": least_squares_clipped}
-FLOAT_QUANTIZER = "least-squares clipped"
-
-
-def model_grids(model: Gemma3Model, source_grids: Mapping[str, BlockGrid], bits: int) -> dict[str, BlockGrid]:
-    """Every weight matrix's grid: the source's own where it has one, else rounded from the float weights
-    (the embedding, which is also the LM head, at 8 bits at least)."""
-    block_size = BLOCK_SIZE[bits]
-    grids = {}
-    for name, parameter in model.state_dict().items():
-        if parameter.dim() != 2:
-            continue
-        if name in source_grids:
-            source = source_grids[name]
-            grids[name] = source.with_block_size(min(source.block_size, block_size))
-        else:
-            grid_bits = max(bits, EMBEDDING_BITS) if name == EMBEDDING else bits
-            grids[name] = FLOAT_QUANTIZERS[FLOAT_QUANTIZER](parameter.float().numpy(), grid_bits, block_size)
-    return grids
 
 
 def projection_groups(model: Gemma3Model) -> list[list[str]]:

@@ -17,6 +17,7 @@ from conftest import gguf_writer, real_bundle_path
 from exporters.coreml import export_many as coreml_export_many
 from exporters.coreml_grids import grids_by_weight
 from exporters.onnx import OnnxDecoder, export_many
+from exporters.weight_grids import model_grids
 from model.block_grids import (GGUF_BLOCK_TYPES, BlockGrid, grid_from_gguf_blocks, least_squares_clipped,
                                round_to_nearest, stacked)
 from model.config import Gemma3Config
@@ -80,6 +81,21 @@ def test_least_squares_clipping_never_loses_to_round_to_nearest_and_wins_on_outl
     plain4, clipped4 = round_to_nearest(weight, 4, 32), least_squares_clipped(weight, 4, 32)
     error4 = [((grid.weight() - weight) ** 2).sum() for grid in (plain4, clipped4)]
     assert error4[1] < error4[0]
+
+
+def test_a_float_source_gets_its_layers_at_the_precisions_bits_and_the_embedding_at_eight(tiny):
+    for bits, block_size in ((4, 32), (8, 16)):
+        grids = model_grids(tiny.model, {}, bits, block_size)
+        matrices = {name for name, parameter in tiny.model.state_dict().items() if parameter.dim() == 2}
+        assert set(grids) == matrices
+        for name, grid in grids.items():
+            assert grid.bits == (max(bits, 8) if name == EMBEDDING else bits), name
+            assert grid.block_size == block_size and grid.source_type == "least-squares clipped"
+            weight = tiny.model.state_dict()[name].numpy()
+            step = grid.per_element(grid.scales)
+            clipped = (grid.values == 0) | (grid.values == 2 ** grid.bits - 1)
+            # within half a step wherever the block's range was not clipped
+            assert np.all((np.abs(grid.weight() - weight) <= step / 2 + 1e-7) | clipped), name
 
 
 # ---- a small GGUF with every type, through the ONNX exporter ------------------------------------------------
@@ -230,7 +246,8 @@ def coreml_grid_weights(path: Path) -> list[np.ndarray]:
 def assert_package_holds_grids(path: Path, grids: dict[str, BlockGrid], chunks: int) -> None:
     """Every weight constant of the package is its source grid: scale · (data − offset) within the fp16
     rounding of scale, offset and product (Q4_K's minimum is a float offset); none left fp16 or re-rounded."""
-    parts = list(grids_by_weight(grids, EMBEDDING, chunks).values())
+    parts = list(grids_by_weight(grids, {name: grid.weight() for name, grid in grids.items()}, EMBEDDING,
+                                 chunks).values())
     rebuilt = coreml_grid_weights(path)
     assert len(rebuilt) == len(parts) == len(grids) - 1 + chunks
     for weight in rebuilt:

@@ -19,7 +19,8 @@ import torch
 
 from conftest import real_bundle_path
 from exporters.onnx import MODEL_FILES, FullPastBuffer, OnnxDecoder, export, export_many, weight_bytes_per_token
-from exporters.onnx_quantize import BLOCK_SIZE, FLOAT_QUANTIZER, FLOAT_QUANTIZERS, quantized_graph
+from exporters.onnx_quantize import BLOCK_SIZE, quantized_graph
+from exporters.weight_grids import FLOAT_QUANTIZER, FLOAT_QUANTIZERS
 from exporters.signature import decoder_io
 from model.block_grids import round_to_nearest
 from model.config import preset
