@@ -159,3 +159,32 @@ def push(bundle_dir: Path, repo_id: str, token: str | None, private: bool = Fals
         raise UserError(f"can't reach the Hugging Face hub at {os.environ.get('HF_ENDPOINT', 'huggingface.co')} "
                         f"({type(error).__name__})", "check the network or HF_ENDPOINT") from None
     return str(commit)
+
+
+# ------------------------------------------------------------------------------------- model card numbers
+
+def refresh_model_card(artifacts_root: Path, slug: str, validation: Mapping[str, Any]) -> bool:
+    """Rewrite the ONNX bundle's model card with `validation`'s numbers (the report's validation piece):
+    the bundle is published again like an export (its files hard-linked, the root files rewritten, a new
+    manifest), so it is never half updated. Returns whether it was; a bundle that does not verify, was made
+    from other weights or is being exported right now is left as it is."""
+    from exporters.artifact import BundleWriter, load_bundle
+
+    folder = Path(artifacts_root) / slug / "onnx"
+    try:
+        bundle = load_bundle(folder)
+    except UserError:
+        return False
+    source = bundle.manifest["source"]
+    if source.get("weight_sha256") != validation.get("model", {}).get("weight_sha256"):
+        return False
+    try:
+        with BundleWriter(artifacts_root, slug, "onnx", keep_existing_variants=True) as writer:
+            writer.finish(config=bundle.config, tokenizer=folder / "tokenizer.json",
+                          source={key: value for key, value in source.items() if key != "slug"},
+                          options=bundle.manifest["options"],
+                          extra_files=lambda staged, variants: write_repo_files(staged, bundle.config, variants,
+                                                                                source, validation))
+    except UserError:  # another export holds the bundle: its own card is written when it finishes
+        return False
+    return True

@@ -13,8 +13,8 @@ from exporters.artifact import Bundle
 from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle
 from gemma_export.errors import entry_point
 from gemma_export.progress import StepProgress
-from gemma_export.validation_commands import (finish, perplexity_tokens_option, run_bench, run_validation,
-                                              selection_from, write_report)
+from gemma_export.validation_commands import (backends_option, finish, perplexity_tokens_option, run_bench,
+                                              run_validation, selection_from, write_report)
 from gemma_export.validation_commands import register as register_validation_commands
 from validation.bench import BenchSettings
 from validation.runners import IN_MEMORY_FORMAT, REFERENCE_PRECISION
@@ -140,9 +140,11 @@ def bundle_summary(bundle: Bundle, seconds: float) -> str:
 @click.option("--bench/--no-bench", "with_bench", default=True, show_default=True,
               help="--no-bench: export, validate and report only (the report then has no speed columns).")
 @requantize_option
+@backends_option
 def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
                 precision_filters: tuple[str, ...], threads: int, max_new_tokens: int, perplexity_tokens: int,
-                decode_tokens: int, repeats: int, with_bench: bool, requantize: bool) -> None:
+                decode_tokens: int, repeats: int, with_bench: bool, requantize: bool,
+                backends: tuple[str, ...]) -> None:
     """Export every format and precision, validate, bench and report (what the host can't run is skipped,
     and the report says why)."""
     plan = export_plan(formats or tuple(FORMATS), precision_filters)
@@ -155,7 +157,7 @@ def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tup
     # Only the precisions exported now are judged (not an older bundle's other variants), beside
     # the in-memory PyTorch runners: the reference and its torch.compile'd twin.
     exported = {precision for precisions in plan.values() for precision in precisions} | {REFERENCE_PRECISION}
-    selection = selection_from((*plan, IN_MEMORY_FORMAT), tuple(sorted(exported)), (), (), ())
+    selection = selection_from((*plan, IN_MEMORY_FORMAT), tuple(sorted(exported)), (), (), (), backends)
     validation = run_validation(loaded, out_dir, selection, max_new_tokens=max_new_tokens, threads=threads,
                                 perplexity_tokens=perplexity_tokens)
     bench = (run_bench(loaded, out_dir, selection, BenchSettings(threads=threads, decode_tokens=decode_tokens,
@@ -186,6 +188,28 @@ def export_plan(formats: tuple[str, ...], precision_filters: tuple[str, ...]) ->
     if not precision_filters:
         return {fmt: list(FORMATS[fmt].precisions) for fmt in formats}
     return {fmt: precisions for fmt, precisions in plan.items() if precisions}
+
+
+@cli.command("push")
+@click.option("--repo-id", required=True, help="The hub repository to upload into, e.g. me/gemma-3-270m-onnx "
+              "(created if missing).")
+@click.option("--model", "model_id", default=DEFAULT_MODEL, show_default=True,
+              help="The model whose ONNX bundle (<out>/<model>/onnx) is pushed.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
+              help="An ONNX bundle folder to push instead of <out>/<model>/onnx.")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", default=None, help="Branch to commit to (default: main).")
+def push_command(repo_id: str, model_id: str, out_dir: Path, bundle_dir: Path | None, private: bool,
+                 revision: str | None) -> None:
+    """Upload the ONNX bundle, as it is, to a Hugging Face model repository (token: HF_TOKEN)."""
+    from huggingface_hub import get_token
+
+    from exporters.hf_repo import push
+    from model.weights import load_weights
+
+    folder = bundle_dir if bundle_dir is not None else out_dir / load_weights(model_id).slug / "onnx"
+    click.echo(f"pushed {folder} to {repo_id}: {push(folder, repo_id, get_token(), private, revision)}")
 
 
 register_validation_commands(cli)

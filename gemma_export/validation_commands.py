@@ -13,13 +13,14 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from exporters.hf_repo import refresh_model_card
 from model.errors import UserError
 from model.loading import DEFAULT_MODEL, LoadedModel, load
 from validation import report as report_files
 from validation.baselines import BASELINE_CHOICES, baseline_model_files, baseline_spec, check_baselines
 from validation.bench import BenchJob, BenchSettings, bench_all
 from validation.compare import HELDOUT_MAX_TOKENS, compare_all, load_heldout, load_prompts, thresholds_for
-from validation.runners import (COREML_COMPUTE_UNITS, FORMAT_CHOICES, IN_MEMORY_FORMAT, ONNX_PROVIDERS,
+from validation.runners import (BACKENDS, COREML_COMPUTE_UNITS, FORMAT_CHOICES, IN_MEMORY_FORMAT, ONNX_PROVIDERS,
                                 REFERENCE_SPEC, TORCH_DEVICES, BundleProblem, Host, RunnerSpec, Selection,
                                 available_specs, load_bundles, make_runner, set_thread_count)
 
@@ -132,11 +133,16 @@ def run_bench(loaded: LoadedModel, artifacts_root: Path, selection: Selection = 
 
 
 def write_report(artifacts_root: Path, slug: str) -> dict[str, Path]:
+    """The report files, and the ONNX bundle's model card with the validation numbers."""
     folder = report_files.report_dir(artifacts_root, slug)
     if not any((folder / f"{piece}.json").is_file() for piece in report_files.PIECES):
         raise UserError(f"{folder} holds no validation or benchmark results yet",
                         "run gemma-export validate (and bench) first")
-    return report_files.write_report(folder)
+    paths = report_files.write_report(folder)
+    validation = report_files.load_pieces(folder).get("validation")
+    if validation is not None:
+        refresh_model_card(artifacts_root, slug, validation)
+    return paths
 
 
 def finish(outcome: Outcome, paths: dict[str, Path], what: str) -> None:
@@ -172,6 +178,7 @@ def selection_options(function: Any) -> Any:
                      help=f"Repeatable ONNX Runtime execution provider: {', '.join(ONNX_PROVIDERS)} or full name."),
         click.option("--compute-units", multiple=True, type=click.Choice(COREML_COMPUTE_UNITS),
                      help="Repeatable Core ML compute units (macOS)."),
+        backends_option,
     ]
     for option in reversed(options):
         function = option(function)
@@ -179,8 +186,16 @@ def selection_options(function: Any) -> Any:
 
 
 def selection_from(formats: tuple[str, ...], precisions: tuple[str, ...], devices: tuple[str, ...],
-                   providers: tuple[str, ...], compute_units: tuple[str, ...]) -> Selection:
-    return Selection(formats or None, precisions or None, devices or None, providers or None, compute_units or None)
+                   providers: tuple[str, ...], compute_units: tuple[str, ...], backends: tuple[str, ...] = ()
+                   ) -> Selection:
+    return Selection(formats or None, precisions or None, devices or None, providers or None, compute_units or None,
+                     backends or None)
+
+
+# Repeatable --backends: which runners to judge (the reference always runs).
+backends_option = click.option(
+    "--backends", multiple=True, type=click.Choice(list(BACKENDS)),
+    help="Repeatable; default: every backend. E.g. --backends onnxruntime-genai --backends transformers-js.")
 
 
 # Perplexity decodes the held-out text one token at a time through every runner: the longest part of a
@@ -203,10 +218,10 @@ perplexity_tokens_option = click.option(
               help="Override the top-1 agreement floor, as a fraction (default: fp16/bf16 0.99, int8 0.98, int4 0.97).")
 def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
                      devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
-                     max_new_tokens: int, perplexity_tokens: int, threads: int, max_logit_diff: float | None,
-                     min_top1: float | None) -> None:
+                     backends: tuple[str, ...], max_new_tokens: int, perplexity_tokens: int, threads: int,
+                     max_logit_diff: float | None, min_top1: float | None) -> None:
     """Compare every exported runner with the PyTorch reference; write artifacts/<model>/report/."""
-    selection = selection_from(formats, precisions, devices, providers, compute_units)
+    selection = selection_from(formats, precisions, devices, providers, compute_units, backends)
     loaded = load(model_id)
     outcome = run_validation(loaded, out_dir, selection, max_new_tokens, max_logit_diff, min_top1, threads,
                              perplexity_tokens)
@@ -232,11 +247,11 @@ def validate_command(model_id: str, out_dir: Path, formats: tuple[str, ...], pre
                    "transformers runs the same weights in fp32.")
 def bench_command(model_id: str, out_dir: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
                   devices: tuple[str, ...], providers: tuple[str, ...], compute_units: tuple[str, ...],
-                  threads: int, decode_tokens: int, prefill_tokens: int, repeats: int, rounds: int,
-                  bandwidth_mb: int, baselines: tuple[str, ...]) -> None:
+                  backends: tuple[str, ...], threads: int, decode_tokens: int, prefill_tokens: int, repeats: int,
+                  rounds: int, bandwidth_mb: int, baselines: tuple[str, ...]) -> None:
     """Measure load time, TTFT, prefill/decode tok/s, peak RSS and % of the bandwidth ceiling per runner, and
     with --baseline each runner's ratio to llama.cpp and/or transformers."""
-    selection = selection_from(formats, precisions, devices, providers, compute_units)
+    selection = selection_from(formats, precisions, devices, providers, compute_units, backends)
     loaded = load(model_id)
     settings = BenchSettings(threads=threads, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                              repeats=repeats, rounds=rounds)

@@ -208,6 +208,7 @@ class Selection:
     devices: tuple[str, ...] | None = None  # torch devices
     providers: tuple[str, ...] | None = None  # ONNX Runtime providers (short or full names)
     compute_units: tuple[str, ...] | None = None
+    backends: tuple[str, ...] | None = None  # backend names (BACKENDS), e.g. only the app runtimes
 
     def requested_targets(self, backend: Backend) -> tuple[str, ...] | None:
         if backend.target_kind == "provider":
@@ -266,6 +267,9 @@ def available_specs(bundles: Mapping[str, Bundle], host: Host, selection: Select
     for backend in BACKENDS.values():
         fmt = backend.bundle_format or IN_MEMORY_FORMAT
         if selection.formats is not None and fmt not in selection.formats:
+            continue
+        if selection.backends is not None and backend.name not in selection.backends \
+                and backend.name != REFERENCE_BACKEND:
             continue
         if backend.bundle_format is not None and backend.bundle_format not in bundles:
             skipped.append(Skipped(backend.name, reasons.get(fmt, f"no {fmt} bundle")))
