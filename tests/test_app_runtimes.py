@@ -178,10 +178,12 @@ def test_an_edited_file_fails_validate_by_its_name(tiny_bundle, tmp_path, edited
 # ---- push -----------------------------------------------------------------------------------------------------
 
 class StandInHub(BaseHTTPRequestHandler):
-    """The hub's upload API as huggingface_hub uses it: create a repo, ask each file's upload mode (all
-    "regular": the content travels in the commit), then one NDJSON commit. Records what it received."""
+    """The hub's upload API as huggingface_hub uses it: create a repo, check the model card's YAML, ask each
+    file's upload mode (all "regular": the content travels in the commit), then one NDJSON commit. Records what
+    it received."""
 
     received: dict[str, bytes] = {}
+    validated_cards: list[str] = []
     authorizations: list[str] = []
 
     def reply(self, body: dict, status: int = 200) -> None:
@@ -198,7 +200,12 @@ class StandInHub(BaseHTTPRequestHandler):
         if self.headers.get("Authorization") != "Bearer hf_stand_in_token":
             self.reply({"error": "Invalid credentials"}, 401)
         elif self.path == "/api/repos/create":
-            self.reply({"url": f"http://hub/{json.loads(body)['name']}", "name": json.loads(body)["name"]})
+            request = json.loads(body)
+            repo_id = f"{request['organization']}/{request['name']}"
+            self.reply({"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
+        elif self.path == "/api/validate-yaml":
+            self.validated_cards.append(json.loads(body)["content"])
+            self.reply({"errors": [], "warnings": []})
         elif "/preupload/" in self.path:
             files = json.loads(body)["files"]
             self.reply({"files": [{"path": item["path"], "uploadMode": "regular", "shouldIgnore": False}
@@ -208,7 +215,9 @@ class StandInHub(BaseHTTPRequestHandler):
                 item = json.loads(line)
                 if item["key"] == "file":
                     self.received[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            self.reply({"commitUrl": "http://hub/commit/1", "commitOid": "1" * 40})
+            repo_id = self.path.split("/api/models/")[1].split("/commit/")[0]
+            self.reply({"commitUrl": f"http://{self.headers['Host']}/{repo_id}/commit/{'1' * 40}",
+                        "commitOid": "1" * 40})
         else:
             self.reply({"error": "not found"}, 404)
 
@@ -218,7 +227,7 @@ class StandInHub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stand_in_hub():
-    StandInHub.received, StandInHub.authorizations = {}, []
+    StandInHub.received, StandInHub.authorizations, StandInHub.validated_cards = {}, [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), StandInHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -242,6 +251,7 @@ def test_push_uploads_every_file_of_the_bundle_as_it_is(tiny_bundle, stand_in_hu
     assert {path: hashlib.sha256(data).hexdigest() for path, data in StandInHub.received.items()} == \
         {path: hashlib.sha256(data).hexdigest() for path, data in on_disk.items()}
     assert "pushed" in result.stdout and "me/tiny-gemma-onnx" in result.stdout
+    assert set(StandInHub.validated_cards) == {(tiny_bundle / "README.md").read_text()}
 
 
 def test_push_errors_are_one_clear_line(tiny_bundle, stand_in_hub, tmp_path):

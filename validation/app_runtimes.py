@@ -185,6 +185,15 @@ class TransformersJsDecoder:
         """transformers.js' own greedy `generate()` (exactly max_new_tokens tokens)."""
         return self._ask({"op": "generate", "ids": list(ids), "max_new_tokens": max_new_tokens})["tokens"]
 
+    def child_peak_rss_bytes(self) -> int:
+        """node's peak resident set so far (VmHWM; 0 where there is no /proc)."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text(encoding="utf-8")
+        except OSError:
+            return 0
+        peak = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), "0")
+        return int(peak) * 1024
+
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.stdin.close()

@@ -159,7 +159,9 @@ def measure(runner: Runner, settings: BenchSettings, load_seconds: float) -> dic
             "decode_tokens": settings.decode_tokens,
             "decode_tokens_per_second": decode_tokens_per_second(runner, settings),
             "size_bytes": runner.size_bytes, "weight_bytes_per_token": runner.weight_bytes_per_token,
-            "threads": settings.threads or os.cpu_count(), "peak_rss_bytes": peak_rss_bytes()}
+            "threads": settings.threads or os.cpu_count(),
+            # A runtime in a child process of its own (transformers.js under node) adds that process's peak.
+            "peak_rss_bytes": peak_rss_bytes() + getattr(runner.decoder, "child_peak_rss_bytes", lambda: 0)()}
 
 
 def run_job_in_subprocess(job: BenchJob) -> dict[str, Any]:
