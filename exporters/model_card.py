@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from exporters.hf_repo import PRECISION_ORDER, TRANSFORMERS_JS_DTYPES, default_precision, genai_overlay
 from model.config import Gemma3Config
 
 # The hub id of the weights' origin, for `base_model` (the offline default is Gemma 3 270M's GGUF).
@@ -37,16 +38,14 @@ def front_matter(source: Mapping[str, Any]) -> str:
 def runner_cell(row: Mapping[str, Any] | None) -> str:
     if row is None:
         return "not run"
-    if "error" in row and "max_abs_logit_diff" not in row:
-        return f"{row.get('verdict', 'FAIL')}: error"
+    if "top1_agreement" not in row:  # the runtime could not open the file: the report says why
+        return f"{row['verdict']}: did not run"
     return (f"{row['verdict']}: top-1 {row['top1_agreement']:.3f}, max Δlogit {row['max_abs_logit_diff']:.2g}, "
             f"greedy {row['greedy_match_steps']}/{row['greedy_steps']}")
 
 
 def files_table(variants: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int],
                 validation: Mapping[str, Any] | None) -> str:
-    from exporters.hf_repo import PRECISION_ORDER, TRANSFORMERS_JS_DTYPES
-
     rows = {row["runner"]: row for row in (validation or {}).get("runners", [])}
     header = ["precision", "file (+ `_data`)", "size", "transformers.js dtype", "what it holds",
               *[f"{backend} ({device})" for backend, device in CARD_RUNNERS]]
@@ -70,8 +69,6 @@ def validation_note(validation: Mapping[str, Any] | None) -> str:
 
 
 def usage(default_file: str, default_precision: str) -> str:
-    from exporters.hf_repo import TRANSFORMERS_JS_DTYPES, genai_overlay
-
     dtype = TRANSFORMERS_JS_DTYPES[default_precision]
     return f"""## Usage
 
@@ -121,8 +118,6 @@ sha256."""
 
 def model_card(config: Gemma3Config, variants: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int],
                source: Mapping[str, Any], validation: Mapping[str, Any] | None) -> str:
-    from exporters.hf_repo import default_precision
-
     default = default_precision(list(variants))
     name = source.get("slug", "gemma-3")
     return f"""{front_matter(source)}

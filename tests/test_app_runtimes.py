@@ -24,7 +24,7 @@ from exporters.artifact import MANIFEST, load_bundle
 from exporters.hf_repo import CHAT_TEMPLATE, GENAI_CONFIG
 from model.generate import generate
 from validation import app_runtimes
-from validation.runners import BACKENDS, Host, unavailable_reason
+from validation.runners import BACKENDS, Host, Selection, available_specs, unavailable_reason
 
 NEW_TOKENS = 24
 ROOT_FILES = {"README.md", "config.json", "generation_config.json", "genai_config.json", "special_tokens_map.json",
@@ -156,6 +156,16 @@ def test_missing_node_skips_transformers_js_with_the_reason(monkeypatch):
                 mil_runner=True, genai_missing=None, node_missing=reason)
     assert unavailable_reason(BACKENDS["transformers-js"], "node", host) == reason
     assert unavailable_reason(BACKENDS["onnxruntime-genai"], "cpu", host) is None
+
+
+def test_backends_selection_judges_only_the_named_runtimes_beside_the_reference(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    host = Host(system="Linux", cuda=False, mps=False, onnx_providers=("CPUExecutionProvider",), cpp_compiler=True,
+                mil_runner=True, genai_missing=None, node_missing=None)
+    specs, _ = available_specs({"onnx": bundle}, host, Selection(backends=("onnxruntime-genai", "transformers-js")))
+    assert sorted(spec.name for spec in specs) == [
+        "onnxruntime-genai fp32 cpu", "onnxruntime-genai int4 cpu", "pytorch fp32 cpu", "transformers-js fp32 node",
+        "transformers-js int4 node"]
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
