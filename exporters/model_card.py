@@ -40,8 +40,8 @@ def runner_cell(row: Mapping[str, Any] | None) -> str:
         return "not run"
     if "top1_agreement" not in row:  # the runtime could not open the file: the report says why
         return f"{row['verdict']}: did not run"
-    return (f"{row['verdict']}: top-1 {row['top1_agreement']:.3f}, max Δlogit {row['max_abs_logit_diff']:.2g}, "
-            f"greedy {row['greedy_match_steps']}/{row['greedy_steps']}")
+    return (f"{row['verdict']}: top-1 {row['top1_agreement']:.3f}, mean KL {row['mean_kl_divergence']:.2g}, "
+            f"max Δlogit {row['max_abs_logit_diff']:.2g}, greedy {row['greedy_match_steps']}/{row['greedy_steps']}")
 
 
 def files_table(variants: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int],
@@ -64,8 +64,11 @@ def validation_note(validation: Mapping[str, Any] | None) -> str:
                 "runtime's own loop against the PyTorch reference).")
     return (f"Validation against the PyTorch reference (`gemma-export validate`): "
             f"{validation.get('max_new_tokens')} greedy steps per prompt and {validation.get('heldout_tokens')} "
-            "held-out tokens teacher-forced, each runtime through its own loop. Top-1 is the agreement of the "
-            "runtime's next-token choice with the reference's; greedy counts the steps whose token equals it.")
+            "held-out tokens teacher-forced, each runtime through its own loop. Top-1: how often the runtime's "
+            "next token is the reference's, over every teacher-forced step; mean KL: its divergence from the "
+            "reference's distribution (the gate of reduced precisions); greedy: how many steps the runtime's own "
+            "greedy run follows the reference's before it first differs (fewest over the prompts; fp32 must follow "
+            "every step, a 4-bit file may leave early at a near-tie and continue just as well).")
 
 
 def usage(default_file: str, default_precision: str) -> str:
