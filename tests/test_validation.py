@@ -53,8 +53,12 @@ def write_bundle(loaded, model, root: Path, fmt: str, exporter, **options) -> No
         exported = exporter.export(model, bundle.path, "fp32", **options)
         for variant in exported if isinstance(exported, list) else [exported]:
             bundle.add_variant(**{**dataclasses.asdict(variant), "precision": variant_key(variant)})
-        bundle.finish(config=weights.config, tokenizer=loaded.tokenizer,
-                      source={"model_id": weights.source_id, "weight_sha256": weights.weight_sha256})
+        source = {"model_id": weights.source_id, "weight_sha256": weights.weight_sha256}
+        # The format's own files, as export_bundle writes them (ONNX: the Hugging Face repository files).
+        bundle_files = getattr(exporter, "write_bundle_files", None)
+        bundle.finish(config=weights.config, tokenizer=loaded.tokenizer, source=source,
+                      extra_files=bundle_files and (lambda folder, variants: bundle_files(
+                          folder, weights.config, variants, {**source, "slug": weights.slug})))
 
 
 @pytest.fixture(scope="module")

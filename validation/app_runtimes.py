@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.hf_repo import TRANSFORMERS_JS_DTYPES, genai_overlay
+from exporters.hf_repo import GENAI_CONFIG, TRANSFORMERS_JS_DTYPES, genai_overlay
 from model.errors import UserError
 
 TRANSFORMERS_JS_PACKAGE = "@huggingface/transformers"
@@ -33,7 +33,6 @@ TRANSFORMERS_JS_VERSION = "4.3.2"
 RUNNER_SCRIPT = Path(__file__).with_name("transformers_js_runner.mjs")
 RESULT_MARK = "@@result "
 NPM_INSTALL_TIMEOUT_S = 600
-NODE_ANSWER_TIMEOUT_S = 600
 
 
 # ---------------------------------------------------------------------------------------- onnxruntime-genai
@@ -52,13 +51,16 @@ class GenaiDecoder:
         import onnxruntime_genai as og
 
         self.og = og
+        if not (folder / GENAI_CONFIG).is_file():
+            raise UserError(f"{folder} has no {GENAI_CONFIG}: it was exported before the Hugging Face layout",
+                            "re-export it: gemma-export export --format onnx")
         config = og.Config(str(folder))
         overlay = json.loads(genai_overlay(model_file))
         if threads:
             overlay["model"]["decoder"]["session_options"] = {"intra_op_num_threads": threads}
         config.overlay(json.dumps(overlay))
         self.model = og.Model(config)
-        self.context_length = json.loads((folder / "genai_config.json").read_text())["model"]["context_length"]
+        self.context_length = json.loads((folder / GENAI_CONFIG).read_text())["model"]["context_length"]
         self.generator = None
 
     def _new_generator(self, max_length: int) -> Any:
