@@ -7,7 +7,7 @@ as it is, and `push` to the hub.
     <bundle>/onnx/               model.onnx, model_fp16.onnx, model_int8.onnx, model_q4.onnx + `<file>_data`
 
 onnxruntime-genai reads one decoder file per folder: the root `genai_config.json` names the default precision
-(fp32 when the bundle has it, else the first of fp16, int8, int4). `genai_overlay(precision)` is the JSON that
+(fp32 when the bundle has it, else the first of fp16, int8, int4). `genai_overlay(model_file)` is the JSON that
 points a loaded config at another file (`og.Config(folder).overlay(...)`); the model card shows it.
 """
 
@@ -87,7 +87,7 @@ def genai_overlay(model_file: str) -> str:
 
 def generation_config(config: Gemma3Config) -> dict[str, Any]:
     return {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids),
-            "pad_token_id": config.pad_token_id, "do_sample": False, "cache_implementation": "hybrid"}
+            "pad_token_id": config.pad_token_id, "do_sample": False}
 
 
 def tokenizer_config() -> dict[str, Any]:
@@ -118,15 +118,9 @@ def write_repo_files(folder: Path, config: Gemma3Config, variants: Mapping[str, 
     write_json(folder / TOKENIZER_CONFIG, tokenizer_config())
     write_json(folder / SPECIAL_TOKENS_MAP, special_tokens_map())
     write_json(folder / GENAI_CONFIG, genai_config(config, variants[default]["files"][0]))
-    sizes = {precision: sum((folder / name).stat().st_size for name in variant_paths(folder, variants[precision]))
+    sizes = {precision: sum((folder / name).stat().st_size for name in variants[precision]["files"])
              for precision in precisions}
     (folder / MODEL_CARD).write_text(model_card(config, variants, sizes, source, validation), encoding="utf-8")
-
-
-def variant_paths(folder: Path, variant: Mapping[str, Any]) -> list[str]:
-    """A variant's main file and the data file beside it."""
-    main = variant["files"][0]
-    return [name for name in (main, f"{main}_data") if (folder / name).is_file()]
 
 
 # ------------------------------------------------------------------------------------------------- push
