@@ -107,17 +107,21 @@ def transformers_js_installed(folder: Path) -> bool:
 def transformers_js_unavailable_reason() -> str | None:
     if shutil.which("node") is None:
         return "Node.js is not installed (transformers.js runs under node)"
-    if not transformers_js_installed(node_cache_dir()) and shutil.which("npm") is None:
-        return f"npm is not installed and {TRANSFORMERS_JS_PACKAGE} is not in {node_cache_dir()}"
+    if not transformers_js_installed(node_cache_dir()):
+        return (f"{TRANSFORMERS_JS_PACKAGE} is not installed in {node_cache_dir()} (make setup, or "
+                "python -m validation.app_runtimes install)")
     return None
 
 
 def install_transformers_js() -> Path:
-    """`npm install --ignore-scripts @huggingface/transformers@<version>` into the cache folder, staged and
-    renamed into place, so a cut-short install never looks complete → the folder holding node_modules."""
+    """`npm install --ignore-scripts @huggingface/transformers@<version>` into the cache folder (`make setup`),
+    staged and renamed into place, so a cut-short install never looks complete → the folder holding
+    node_modules. Validation never installs: without it the runner is skipped, with that reason."""
     folder = node_cache_dir()
     if transformers_js_installed(folder):
         return folder
+    if shutil.which("npm") is None:
+        raise UserError("npm is not installed", "install Node.js with npm to run transformers.js")
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -144,7 +148,7 @@ class TransformersJsDecoder:
     """transformers.js in a node child process over the bundle folder, at the variant's `dtype`."""
 
     def __init__(self, folder: Path, precision: str) -> None:
-        packages = install_transformers_js()
+        packages = node_cache_dir()
         # node's own messages go to a file, not a pipe that nobody reads while it fills
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
@@ -210,3 +214,25 @@ class TransformersJsDecoder:
             self.close()
         except Exception:  # interpreter shutdown: the pipes may be gone already
             pass
+
+
+def main(argv: list[str]) -> int:
+    """`python -m validation.app_runtimes install`: transformers.js into the cache (what `make setup` runs).
+    Without node or the npm registry it says why and succeeds: the runner is then skipped with that reason."""
+    if argv != ["install"]:
+        print("usage: python -m validation.app_runtimes install")
+        return 2
+    if shutil.which("node") is None:
+        print("transformers.js not installed: Node.js is not installed (the transformers-js runner is skipped)")
+        return 0
+    try:
+        print(f"transformers.js {TRANSFORMERS_JS_VERSION} in {install_transformers_js()}")
+    except UserError as error:
+        print(f"transformers.js not installed: {error.cause}; {error.fix} (the transformers-js runner is skipped)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
