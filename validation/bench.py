@@ -160,8 +160,14 @@ def measure(runner: Runner, settings: BenchSettings, load_seconds: float) -> dic
             "decode_tokens_per_second": decode_tokens_per_second(runner, settings),
             "size_bytes": runner.size_bytes, "weight_bytes_per_token": runner.weight_bytes_per_token,
             "threads": settings.threads or os.cpu_count(),
-            # A runtime in a child process of its own (transformers.js under node) adds that process's peak.
-            "peak_rss_bytes": peak_rss_bytes() + getattr(runner.decoder, "child_peak_rss_bytes", lambda: 0)()}
+            "peak_rss_bytes": peak_rss_bytes() + child_peak_rss_bytes(runner)}
+
+
+def child_peak_rss_bytes(runner: Any) -> int:
+    """A runtime in a child process of its own (transformers.js under node) adds that process's peak; runners
+    without a decoder (the baselines) have none."""
+    decoder = getattr(runner, "decoder", None)
+    return decoder.child_peak_rss_bytes() if hasattr(decoder, "child_peak_rss_bytes") else 0
 
 
 def run_job_in_subprocess(job: BenchJob) -> dict[str, Any]:
