@@ -127,9 +127,12 @@ def install_transformers_js() -> Path:
     staging.mkdir(parents=True)
     try:
         (staging / "package.json").write_text('{"private": true}\n', encoding="utf-8")
-        result = subprocess.run(["npm", "install", "--ignore-scripts", "--no-audit", "--no-fund",
-                                 f"{TRANSFORMERS_JS_PACKAGE}@{TRANSFORMERS_JS_VERSION}"], cwd=staging,
-                                capture_output=True, text=True, timeout=NPM_INSTALL_TIMEOUT_S)
+        try:
+            result = subprocess.run(["npm", "install", "--ignore-scripts", "--no-audit", "--no-fund",
+                                     f"{TRANSFORMERS_JS_PACKAGE}@{TRANSFORMERS_JS_VERSION}"], cwd=staging,
+                                    capture_output=True, text=True, timeout=NPM_INSTALL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            result = subprocess.CompletedProcess([], 1, "", f"no answer in {NPM_INSTALL_TIMEOUT_S} s")
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise UserError(f"npm could not install {TRANSFORMERS_JS_PACKAGE}@{TRANSFORMERS_JS_VERSION} ({last})",
