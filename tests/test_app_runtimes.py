@@ -168,6 +168,16 @@ def test_backends_selection_judges_only_the_named_runtimes_beside_the_reference(
         "transformers-js int4 node"]
 
 
+def test_setup_without_npm_says_why_and_validation_skips_the_runner(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("GEMMA_EXPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(app_runtimes.shutil, "which", lambda name: "/usr/bin/node" if name == "node" else None)
+    assert app_runtimes.main(["install"]) == 0  # `make setup` goes on
+    assert "transformers.js not installed: npm is not installed" in capsys.readouterr().out
+    assert app_runtimes.transformers_js_unavailable_reason().startswith(
+        f"@huggingface/transformers is not installed in {tmp_path / 'cache'}")
+    assert not (tmp_path / "cache").exists()  # nothing half-installed
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("edited", ["genai_config.json", "onnx/model_q4.onnx"])
