@@ -403,7 +403,7 @@ def test_a_loosened_threshold_is_applied(perturbed_artifacts):
 # ------------------------------------------------------------------------------------------------ bad input
 
 def overwrite_first_float(path: Path) -> None:
-    """Rewrite one float of an initializer in place (a model.onnx_data byte range), nothing else."""
+    """Rewrite one float of an initializer in place (an onnx/model.onnx_data byte range), nothing else."""
     with open(path, "r+b") as handle:
         value = np.frombuffer(handle.read(4), dtype=np.float32)[0]
         handle.seek(0)
@@ -411,12 +411,12 @@ def overwrite_first_float(path: Path) -> None:
 
 
 def tamper_hash(bundle: Path) -> str:
-    overwrite_first_float(bundle / "model.onnx_data")
+    overwrite_first_float(bundle / "onnx" / "model.onnx_data")
     return "sha256 mismatch"
 
 
 def delete_file(bundle: Path) -> str:
-    (bundle / "model.onnx_data").unlink()
+    (bundle / "onnx" / "model.onnx_data").unlink()
     return "missing"
 
 
