@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[weights,export,test]"
+	# transformers.js for the transformers-js validation runner (npm, into ~/.cache/gemma-export); without
+	# Node.js or the npm registry it says so and the runner is skipped with that reason.
+	$(PY) -m validation.app_runtimes install
 	touch $@
 
 # The llama.cpp baseline of `gemma-export bench --baseline llama.cpp` (optional): PyPI has only the source of

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from exporters.progress import ByteProgress
 from exporters.registry import FORMATS
@@ -526,9 +526,12 @@ class BundleWriter:
         self._variants[precision] = entry
 
     def finish(self, config: Gemma3Config, tokenizer: Any, source: dict[str, Any],
-               options: dict[str, Any] | None = None, progress: ByteProgress | None = None) -> Bundle:
+               options: dict[str, Any] | None = None, progress: ByteProgress | None = None,
+               extra_files: Callable[[Path, dict[str, dict[str, Any]]], None] | None = None) -> Bundle:
         """Write config.json and tokenizer.json, hash everything, write the manifest last and publish.
-        `source` holds model_id and weight_sha256; the slug is added."""
+        `source` holds model_id and weight_sha256; the slug is added. `extra_files(folder, variants)` writes a
+        format's own files (the ONNX bundle's repository files) once every variant, carried ones too, is in
+        place: the manifest covers them like the rest."""
         if self._lock is None or self._finished:
             raise RuntimeError("finish() must be called once, inside `with BundleWriter(...)`")
         carried, carried_entries = self._carry_previous_variants() if self.keep_existing_variants else ({}, {})
@@ -537,6 +540,8 @@ class BundleWriter:
             raise ValueError("finish() needs at least one add_variant()")
         (self.path / CONFIG).write_text(json.dumps(config.to_hf_config(), indent=2) + "\n", encoding="utf-8")
         _write_tokenizer(tokenizer, self.path / TOKENIZER)
+        if extra_files is not None:
+            extra_files(self.path, variants)
         _sync_tree(self.path)
         manifest = {
             "schema_version": SCHEMA_VERSION, "format": self.format, "precisions": sorted(variants),

@@ -287,6 +287,7 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], ma
         decoder = StatefulDecoder(model.eval(), max_context, lm_head_chunks, residual_cache=float32_compute).eval()
         converted = convert(decoder, config, max_context, query_lengths, float32_compute, progress)
         io = package_io(config, decoder.cache_names, cache_shape(config, max_context), query_lengths)
+        state_names = list(decoder.cache_names)
         del decoder
         for precision in made_from_it:
             mlmodel = converted
@@ -294,7 +295,7 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], ma
                 report(progress, "compress")
                 mlmodel = compressed(converted, model, precision, source_grids or {}, lm_head_chunks)
             report(progress, "save")
-            describe(mlmodel, config, precision, max_context, query_lengths, lm_head_chunks)
+            describe(mlmodel, config, precision, max_context, query_lengths, lm_head_chunks, state_names)
             path = Path(out_dir) / PACKAGE_NAMES[precision]
             mlmodel.save(str(path))
             variants[precision] = ExportedVariant(
@@ -380,7 +381,9 @@ def compressed(converted: Any, model: Gemma3Model, precision: str, source_grids:
 
 
 def describe(mlmodel: Any, config: Gemma3Config, precision: str, max_context: int,
-             query_lengths: tuple[int, ...], lm_head_chunks: int) -> None:
+             query_lengths: tuple[int, ...], lm_head_chunks: int, state_names: Sequence[str]) -> None:
+    """What a Swift app reads from the package (`MLModel.modelDescription`): descriptions of the inputs and
+    output, and in the user-defined metadata the state names, the tokenizer's special ids and the context."""
     mlmodel.author = "Google DeepMind (Gemma 3 weights); exported by gemma-export"
     mlmodel.license = GEMMA_LICENSE
     mlmodel.short_description = (f"Gemma 3 text decoder ({precision}) with a stateful KV cache of {max_context} "
@@ -392,8 +395,14 @@ def describe(mlmodel: Any, config: Gemma3Config, precision: str, max_context: in
                                                    f"the chunk must end at or before {max_context}")
     mlmodel.output_description["logits"] = f"float32 [1, 1, {config.vocab_size}]: next-token logits of the chunk's last token"
     options = export_options(max_context, query_lengths, lm_head_chunks)
-    mlmodel.user_defined_metadata.update({key: str(value) for key, value in options.items()}
-                                         | {"precision": precision, "vocab_size": str(config.vocab_size)})
+    mlmodel.user_defined_metadata.update({key: str(value) for key, value in options.items()} | {
+        "precision": precision, "vocab_size": str(config.vocab_size), "max_context": str(max_context),
+        "state_names": ",".join(state_names),
+        "states": "fp16 KV cache per layer, [1, kv_heads, max_context, head_dim]: one model.makeState() per "
+                  "sequence, passed to every prediction(from:using:)",
+        "bos_token_id": str(config.bos_token_id), "eos_token_ids": ",".join(map(str, config.eos_token_ids)),
+        "pad_token_id": str(config.pad_token_id), "tokenizer": "tokenizer.json beside the package (bundle folder)",
+        "chat_template": "<start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n"})
 
 
 def package_version() -> str:

@@ -1,8 +1,13 @@
 """ONNX export of the explicit-cache decoder at four precisions, and `OnnxDecoder`, a plain onnxruntime loop.
 
 One graph serves prefill (past = 0) and decode (seq = 1), with the Optimum / transformers.js I/O names from
-`exporters.signature.decoder_io`. File names follow transformers.js: `model.onnx`, `model_fp16.onnx`,
-`model_int8.onnx`, `model_q4.onnx`, each with its weights in one `<name>_data` external-data file.
+`exporters.signature.decoder_io`, and the axis names Optimum writes (`batch_size`, `sequence_length`,
+`past_sequence_length`, ...: transformers.js builds its empty past from them). File names and folder follow a
+Hugging Face model repository as transformers.js and Optimum read it: `onnx/model.onnx`, `onnx/model_fp16.onnx`,
+`onnx/model_int8.onnx`, `onnx/model_q4.onnx`, each with its weights in one `<name>_data` file beside it
+(`exporters.hf_repo` writes the repository's root files).
+- every precision: positions come from `attention_mask` (HF's rule, cumsum − 1), not from the `position_ids`
+  input, which is accepted and ignored: transformers.js feeds 1-based positions for Gemma 3.
 
 - fp32: the LM head reads the embedding's initializer (the 671 MB matrix is stored once).
 - fp16: every linear layer, the embedding and the LM head hold fp16 weights and compute in fp16, but take and
@@ -46,7 +51,9 @@ from torch.export import Dim
 
 from model.config import Gemma3Config
 from model.errors import UserError
-from model.gemma3 import Attention, FeedForward, Gemma3Model, RMSNorm, apply_rope, attention_mask_for
+from model.gemma3 import (Attention, FeedForward, Gemma3Model, RMSNorm, apply_rope, attention_mask_for,
+                          positions_from_mask)
+from model.interrupts import raise_if_interrupted
 from model.kv_cache import ConcatKVCache, ConcatLayerKVCache
 from exporters.onnx_quantize import ACCURACY_LEVEL, BLOCK_SIZE, quantized_model_graph
 from exporters.progress import Progress, report
@@ -55,12 +62,14 @@ from exporters.signature import ExportedVariant, decoder_io, past_names, tensor_
 from exporters.weight_grids import QUANTIZED_BITS, model_grids
 from model.block_grids import BlockGrid
 
-MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx", "int4": "model_q4.onnx"}
+ONNX_FOLDER = "onnx"
+MODEL_FILES = {"fp32": "onnx/model.onnx", "fp16": "onnx/model_fp16.onnx", "int8": "onnx/model_int8.onnx",
+               "int4": "onnx/model_q4.onnx"}
 OPSET = 18
 LOGITS = "logits"
 # Optional input: logits of the last N positions only (0, the default: all). The name ORT GenAI models use.
 LOGITS_TO_KEEP = "num_logits_to_keep"
-KEPT_AXIS = "seq_kept"  # logits' axis 1: `seq`, or N when num_logits_to_keep = N > 0
+KEPT_AXIS = "kept_sequence_length"  # logits' axis 1: `sequence_length`, or N when num_logits_to_keep = N > 0
 # Optional input: full layers' presents hold only the new keys, for a loop that keeps their cache
 # (`with_new_only_full_presents`).
 NEW_ONLY_PRESENTS = "full_presents_new_only"
@@ -68,7 +77,13 @@ NEW_ONLY_PRESENTS = "full_presents_new_only"
 # `check_edge_shapes` then runs the saved graph with past = 0 and seq = 1. A sliding layer's past has its own
 # axis, `sliding_past` (≤ past: it may hold only the newest keys), sampled shorter so that nothing ties the two.
 SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST, SAMPLE_SLIDING_PAST = 2, 3, 4, 2
-SLIDING_PAST_AXIS = "sliding_past"
+SLIDING_PAST_AXIS = "sliding_past_sequence_length"
+OLD_SLIDING_PAST_AXIS = "sliding_past"  # files exported before the Optimum axis names
+# Our axis names → Optimum's (transformers.js resolves `batch_size` when it builds an empty past; every other
+# symbolic axis of a past becomes 0 there).
+OPTIMUM_AXES = {"batch": "batch_size", "seq": "sequence_length", "past": "past_sequence_length",
+                "past + seq": "past_sequence_length + sequence_length", "sliding_past": SLIDING_PAST_AXIS,
+                "sliding_past + seq": f"{SLIDING_PAST_AXIS} + sequence_length"}
 # Model metadata (`custom_metadata_map` in onnxruntime): the window, for a loop that cuts sliding pasts.
 SLIDING_WINDOW_KEY = "gemma3.sliding_window"
 
@@ -117,26 +132,37 @@ def save_variant(graph: ir.Model, model_path: Path, precision: str, config: Gemm
                  progress: Progress, grids: Mapping[str, BlockGrid] | None = None) -> ExportedVariant:
     data_name = external_data_name(model_path.name)
     report(progress, "save")
+    model_path.parent.mkdir(parents=True, exist_ok=True)
     ir.save(graph, model_path, external_data=data_name)
     report(progress, "check")
     onnx.checker.check_model(str(model_path))
     check_edge_shapes(model_path)
     kv_dtype = "float32"
-    return ExportedVariant(precision=precision, files=[model_path.name, data_name], io=onnx_io(config, kv_dtype),
+    folder = f"{model_path.parent.name}/" if model_path.parent.name == ONNX_FOLDER else ""
+    return ExportedVariant(precision=precision, files=[folder + model_path.name, folder + data_name],
+                           io=onnx_io(config, kv_dtype),
                            options=variant_options(precision, kv_dtype, grids), opset=graph.opset_imports[""],
                            logits_dtype="float32")
 
 
+def write_bundle_files(folder: Path, config: Gemma3Config, variants: Mapping[str, Mapping[str, Any]],
+                       source: Mapping[str, Any]) -> None:
+    """The bundle's Hugging Face repository files (genai_config.json, tokenizer_config.json, the model card...)."""
+    from exporters.hf_repo import write_repo_files
+    write_repo_files(folder, config, variants, source)
+
+
 def onnx_io(config: Gemma3Config, kv_dtype: str) -> dict[str, list[dict[str, Any]]]:
-    """The shared decoder signature with two changes: a sliding layer's past and present have their own axis
-    (`sliding_past`, `sliding_past + seq`: that past may hold only the newest keys), the optional
+    """The shared decoder signature with Optimum's axis names and these changes: a sliding layer's past and
+    present have their own axis (`sliding_past_sequence_length`: that past may hold only the newest keys), the
+    optional
     `num_logits_to_keep` (default 0: every position) makes the logits' axis 1 `seq` or N, and the optional
     `full_presents_new_only` (default False) makes full layers' presents hold only the `seq` new keys/values."""
     io = decoder_io(config, kv_dtype)
     for spec in [*io["inputs"], *io["outputs"]]:
-        if spec["name"].startswith(("past_key_values.", "present.")) and is_sliding_cache(spec["name"], config):
-            spec["shape"] = [axis.replace("past", SLIDING_PAST_AXIS) if isinstance(axis, str) else axis
-                             for axis in spec["shape"]]
+        sliding = spec["name"].startswith(("past_key_values.", "present.")) and is_sliding_cache(spec["name"], config)
+        spec["shape"] = [OPTIMUM_AXES[axis.replace("past", "sliding_past") if sliding else axis]
+                         if isinstance(axis, str) else axis for axis in spec["shape"]]
     io["inputs"].append({**tensor_spec(LOGITS_TO_KEEP, "int64", []), "default": 0})
     io["inputs"].append({**tensor_spec(NEW_ONLY_PRESENTS, "bool", []), "default": False})
     logits = next(spec for spec in io["outputs"] if spec["name"] == LOGITS)
@@ -182,6 +208,9 @@ class DecoderWithPast(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *flat_past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # Positions from the mask (HF's rule), whatever `position_ids` says: transformers.js feeds Gemma 3
+        # 1-based ones, other runtimes 0-based. The input stays in the signature (`keep_position_ids_input`).
+        position_ids = positions_from_mask(attention_mask, input_ids.shape[1])
         past = list(zip(flat_past[0::2], flat_past[1::2]))
         cache = ConcatKVCache(past, attention_mask)
         # From the mask: a sliding layer's past may hold only its newest keys (`OnnxDecoder` cuts them).
@@ -344,7 +373,8 @@ def sample_inputs(config: Gemma3Config) -> tuple[torch.Tensor, ...]:
 
 
 def dynamic_shapes(config: Gemma3Config) -> tuple[Any, ...]:
-    batch, seq, past, sliding_past = Dim("batch"), Dim("seq"), Dim("past"), Dim(SLIDING_PAST_AXIS)
+    batch, seq, past = Dim("batch_size"), Dim("sequence_length"), Dim("past_sequence_length")
+    sliding_past = Dim(SLIDING_PAST_AXIS)
     # The mask spans past + seq; torch.export cannot name a sum of two dims, so it infers that one (AUTO).
     kv_axes = tuple({0: batch, 2: sliding_past if config.is_sliding(layer) else past}
                     for layer in range(config.num_layers) for _ in range(2))
@@ -352,14 +382,14 @@ def dynamic_shapes(config: Gemma3Config) -> tuple[Any, ...]:
 
 
 def export_graph(decoder: DecoderWithPast, config: Gemma3Config) -> ir.Model:
-    io = decoder_io(config)
+    io = onnx_io(config, "float32")
     with torch.no_grad():
         program = torch.onnx.export(
             decoder, sample_inputs(config), dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
-            dynamic_shapes=dynamic_shapes(config), input_names=[spec["name"] for spec in io["inputs"]],
+            dynamic_shapes=dynamic_shapes(config), input_names=[spec["name"] for spec in decoder_io(config)["inputs"]],
             output_names=[spec["name"] for spec in io["outputs"]])
     graph = program.model
-    name_mask_axis(graph, config)
+    name_axes(graph, io)
     graph.metadata_props[SLIDING_WINDOW_KEY] = str(config.sliding_window)
     return graph
 
@@ -490,12 +520,14 @@ def with_float16_weights(graph: ir.Model) -> ir.Model:
     return graph
 
 
-def name_mask_axis(graph: ir.Model, config: Gemma3Config) -> None:
-    """Give the mask's inferred axis (e.g. `s53`) the name a full layer's presents carry: `past + seq`."""
-    mask = next(value for value in graph.graph.inputs if value.name == "attention_mask")
-    full_layer = next(layer for layer in range(config.num_layers) if not config.is_sliding(layer))
-    present_axis = next(value for value in graph.graph.outputs if value.name == f"present.{full_layer}.key")
-    mask.shape = ir.Shape([mask.shape[0], present_axis.shape[2]])
+def name_axes(graph: ir.Model, io: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Give every graph input and output the axis names of `io` (Optimum's): torch.export names the sum of two
+    dims by itself (e.g. `s53` for the mask), and transformers.js reads these names to build an empty past."""
+    specs = {spec["name"]: spec["shape"] for spec in [*io["inputs"], *io["outputs"]]}
+    for value in [*graph.graph.inputs, *graph.graph.outputs]:
+        if value.name in specs and value.shape is not None:
+            value.shape = ir.Shape([axis if isinstance(axis, int) else ir.SymbolicDim(axis)
+                                    for axis in specs[value.name]])
 
 
 def check_edge_shapes(model_path: Path) -> None:

@@ -92,6 +92,9 @@ def export_bundle(loaded: LoadedModel, fmt: str, precisions: list[str], artifact
         format_options["source_grids"] = source_block_grids(loaded.weights, requantize)
     exporter = importlib.import_module(format_info(fmt).module)
     weights = loaded.weights
+    source = {"model_id": weights.source_id, "weight_sha256": weights.weight_sha256, "slug": weights.slug}
+    # A format's own files beside its variants (ONNX: the Hugging Face repository files, `write_bundle_files`).
+    bundle_files = getattr(exporter, "write_bundle_files", None)
     with BundleWriter(artifacts_root, weights.slug, fmt, keep_existing_variants=True, wait=wait) as bundle:
         for variant in exported_variants(exporter, loaded, bundle.path, precisions, progress, format_options):
             fields = dataclasses.asdict(variant)
@@ -99,7 +102,9 @@ def export_bundle(loaded: LoadedModel, fmt: str, precisions: list[str], artifact
             bundle.add_variant(**fields)
         return bundle.finish(config=weights.config, tokenizer=loaded.tokenizer,
                              source={"model_id": weights.source_label, "weight_sha256": weights.weight_sha256},
-                             options={"precisions": precisions}, progress=None)
+                             options={"precisions": precisions}, progress=None,
+                             extra_files=None if bundle_files is None else
+                             lambda folder, variants: bundle_files(folder, weights.config, variants, source))
 
 
 def exported_variants(exporter: Any, loaded: LoadedModel, out_dir: Path, precisions: list[str],

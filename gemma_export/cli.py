@@ -14,8 +14,8 @@ from exporters.progress import StepProgress
 from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle, precisions_help
 from gemma_export.errors import debug_option, entry_point
 from gemma_export.options import model_options
-from gemma_export.validation_commands import (baseline_option, budget_option, finish, perplexity_tokens_option,
-                                              selection_from, stage_summary)
+from gemma_export.validation_commands import (backends_option, baseline_option, budget_option, finish,
+                                              perplexity_tokens_option, selection_from, stage_summary)
 from gemma_export.validation_commands import register as register_validation_commands
 from validation.bench import BenchSettings
 from validation.pipeline import run_bench, run_validation, save_timings, write_report
@@ -23,6 +23,7 @@ from validation.runners import IN_MEMORY_FORMAT, REFERENCE_PRECISION
 from model.errors import UserError
 from model.generate import GenerationResult, Sampling, generate
 from model.loading import DTYPES, load
+from model.weights import DEFAULT_MODEL, source_slug
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,12 +138,13 @@ def bundle_summary(bundle: Bundle, seconds: float) -> str:
               help="--no-bench: export, validate and report only (the report then has no speed columns).")
 @requantize_option
 @baseline_option
+@backends_option
 @click.option("--verbose", is_flag=True, help="At the end, each runner's validate and bench time too, not only each "
                                                "stage's.")
 def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
                 precision_filters: tuple[str, ...], threads: int, max_new_tokens: int, perplexity_tokens: int,
                 decode_tokens: int, repeats: int, budget_s: float, with_bench: bool, requantize: bool,
-                baselines: tuple[str, ...], verbose: bool) -> None:
+                baselines: tuple[str, ...], verbose: bool, backends: tuple[str, ...]) -> None:
     """Export every format and precision, validate, bench and report (what the host can't run is skipped,
     and the report says why)."""
     command_started = time.perf_counter()
@@ -158,7 +160,7 @@ def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tup
     # Only the precisions exported now are judged (not an older bundle's other variants), beside
     # the in-memory PyTorch runners: the reference and its torch.compile'd twin.
     exported = {precision for precisions in plan.values() for precision in precisions} | {REFERENCE_PRECISION}
-    selection = selection_from((*plan, IN_MEMORY_FORMAT), tuple(sorted(exported)), (), (), ())
+    selection = selection_from((*plan, IN_MEMORY_FORMAT), tuple(sorted(exported)), (), (), (), backends)
     validation = run_validation(loaded, out_dir, selection, max_new_tokens=max_new_tokens, threads=threads,
                                 perplexity_tokens=perplexity_tokens, baselines=baselines)
     bench = (run_bench(loaded, out_dir, selection, BenchSettings(threads=threads, decode_tokens=decode_tokens,
@@ -194,6 +196,27 @@ def export_plan(formats: tuple[str, ...], precision_filters: tuple[str, ...]) ->
     if not precision_filters:
         return {fmt: list(FORMATS[fmt].precisions) for fmt in formats}
     return {fmt: precisions for fmt, precisions in plan.items() if precisions}
+
+
+@cli.command("push")
+@click.option("--repo-id", required=True, help="The hub repository to upload into, e.g. me/gemma-3-270m-onnx "
+              "(created if missing).")
+@click.option("--model", "model_id", default=DEFAULT_MODEL, show_default=True,
+              help="The model whose ONNX bundle (<out>/<model>/onnx) is pushed.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
+              help="An ONNX bundle folder to push instead of <out>/<model>/onnx.")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", default=None, help="Branch to commit to (default: main).")
+def push_command(repo_id: str, model_id: str, out_dir: Path, bundle_dir: Path | None, private: bool,
+                 revision: str | None) -> None:
+    """Upload the ONNX bundle, as it is, to a Hugging Face model repository (token: HF_TOKEN)."""
+    from huggingface_hub import get_token
+
+    from exporters.hf_repo import push
+
+    folder = bundle_dir if bundle_dir is not None else out_dir / source_slug(model_id) / "onnx"
+    click.echo(f"pushed {folder} to {repo_id}: {push(folder, repo_id, get_token(), private, revision)}")
 
 
 register_validation_commands(cli)

@@ -17,7 +17,8 @@ from validation.baselines import BASELINE_CHOICES
 from validation.bench import BenchSettings
 from validation.compare import FP32_MAX_LOGIT_DIFF, HELDOUT_MAX_TOKENS, THRESHOLDS
 from validation.pipeline import Outcome, run_bench, run_validation, write_report
-from validation.runners import COREML_COMPUTE_UNITS, FORMAT_CHOICES, ONNX_PROVIDERS, TORCH_DEVICES, Selection
+from validation.runners import (BACKENDS, COREML_COMPUTE_UNITS, FORMAT_CHOICES, ONNX_PROVIDERS, TORCH_DEVICES,
+                                Selection)
 
 EXIT_VALIDATION_FAILED = 1
 
@@ -54,6 +55,7 @@ def selection_options(function: Any) -> Any:
                      help=f"Repeatable ONNX Runtime execution provider: {', '.join(ONNX_PROVIDERS)} or full name."),
         click.option("--compute-units", multiple=True, type=click.Choice(COREML_COMPUTE_UNITS),
                      help="Repeatable Core ML compute units (macOS)."),
+        backends_option,
     ]
     for option in reversed(options):
         function = option(function)
@@ -61,8 +63,16 @@ def selection_options(function: Any) -> Any:
 
 
 def selection_from(formats: tuple[str, ...], precisions: tuple[str, ...], devices: tuple[str, ...],
-                   providers: tuple[str, ...], compute_units: tuple[str, ...]) -> Selection:
-    return Selection(formats or None, precisions or None, devices or None, providers or None, compute_units or None)
+                   providers: tuple[str, ...], compute_units: tuple[str, ...], backends: tuple[str, ...] = ()
+                   ) -> Selection:
+    return Selection(formats or None, precisions or None, devices or None, providers or None, compute_units or None,
+                     backends or None)
+
+
+# Repeatable --backends: which runners to judge (the reference always runs).
+backends_option = click.option(
+    "--backends", multiple=True, type=click.Choice(list(BACKENDS)),
+    help="Repeatable; default: every backend. E.g. --backends onnxruntime-genai --backends transformers-js.")
 
 
 # Perplexity decodes the held-out text one token at a time through every runner: the longest part of a
@@ -105,9 +115,10 @@ baseline_option = click.option(
 def validate_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
                      precisions: tuple[str, ...], devices: tuple[str, ...], providers: tuple[str, ...],
                      compute_units: tuple[str, ...], max_new_tokens: int, perplexity_tokens: int, threads: int,
-                     max_logit_diff: float | None, min_top1: float | None, baselines: tuple[str, ...]) -> None:
+                     backends: tuple[str, ...], max_logit_diff: float | None, min_top1: float | None,
+                     baselines: tuple[str, ...]) -> None:
     """Compare every exported runner with the PyTorch reference; write artifacts/<model>/report/."""
-    selection = selection_from(formats, precisions, devices, providers, compute_units)
+    selection = selection_from(formats, precisions, devices, providers, compute_units, backends)
     loaded = load(model_id, revision=revision)
     outcome = run_validation(loaded, out_dir, selection, max_new_tokens, max_logit_diff, min_top1, threads,
                              perplexity_tokens, baselines)
@@ -131,11 +142,12 @@ def validate_command(model_id: str, revision: str | None, out_dir: Path, formats
 @baseline_option
 def bench_command(model_id: str, revision: str | None, out_dir: Path, formats: tuple[str, ...],
                   precisions: tuple[str, ...], devices: tuple[str, ...], providers: tuple[str, ...],
-                  compute_units: tuple[str, ...], threads: int, decode_tokens: int, prefill_tokens: int,
+                  compute_units: tuple[str, ...], backends: tuple[str, ...], threads: int, decode_tokens: int,
+                  prefill_tokens: int,
                   repeats: int, budget_s: float, rounds: int, bandwidth_mb: int, baselines: tuple[str, ...]) -> None:
     """Measure load time, TTFT, prefill/decode tok/s, peak RSS and % of the bandwidth ceiling per runner, and
     with --baseline each runner's ratio to llama.cpp and/or transformers."""
-    selection = selection_from(formats, precisions, devices, providers, compute_units)
+    selection = selection_from(formats, precisions, devices, providers, compute_units, backends)
     loaded = load(model_id, revision=revision)
     settings = BenchSettings(threads=threads, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                              repeats=repeats, budget_s=budget_s, rounds=rounds)

@@ -136,6 +136,14 @@ def test_tiny_package_spec(tiny, tiny_packages):
     assert {s.name for s in fp32_spec.description.state} >= {"key_cache_residual_0", "value_cache_residual_5"}
     assert description.metadata.license == coreml.GEMMA_LICENSE
     assert description.metadata.userDefined["max_context"] == "128"
+    # What a Swift app needs besides the I/O: the state names, the special ids (Gemma: <bos> 2, <eos> 1 and
+    # <end_of_turn> 106 on the real vocabulary; the tiny one's own here), the descriptions.
+    metadata = description.metadata.userDefined
+    assert metadata["state_names"].split(",") == [s.name for s in description.state]
+    assert metadata["bos_token_id"] == str(config.bos_token_id)
+    assert metadata["eos_token_ids"] == ",".join(map(str, config.eos_token_ids))
+    assert {i.name: i.shortDescription != "" for i in description.input} == {"input_ids": True, "cache_position": True}
+    assert description.output[0].shortDescription.startswith("float32 [1, 1, ")
 
 
 def test_tiny_lm_head_is_chunked_and_stored_once(tiny, tiny_packages):

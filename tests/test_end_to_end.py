@@ -23,8 +23,11 @@ from conftest import E2E_SETTINGS, REAL_ALL_PRECISIONS, REAL_HELDOUT_TOKENS, TIN
 # Runner names per bundle format: (backend, target) for each variant the bundle holds. The Core ML runtime
 # runs on macOS only; elsewhere the report must list it as skipped with that reason.
 LINUX_TARGETS = {"torchscript": [("torchscript", "cpu"), ("torch-export", "cpu")],
-                 "onnx": [("onnxruntime", "cpu")],
+                 "onnx": [("onnxruntime", "cpu"), ("onnxruntime-genai", "cpu"), ("transformers-js", "node")],
                  "coreml": [("coreml-mil", "numpy")]}
+# The runtimes apps embed: judged by the tiny run; the real run leaves them to test_app_runtimes.py (its own
+# loops on the same real files), where CI's time goes further.
+APP_RUNTIMES = {"onnxruntime-genai", "transformers-js"}
 METRICS = ("max_abs_logit_diff", "mean_abs_logit_diff", "min_cosine", "max_kl_divergence", "mean_kl_divergence",
            "top1_agreement", "top5_overlap", "perplexity", "perplexity_ratio")
 BENCH_METRICS = ("load_seconds", "time_to_first_token_seconds", "prefill_tokens_per_second",
@@ -37,16 +40,18 @@ def planned_precisions(filters: tuple[str, ...]) -> dict[str, list[str]]:
                   and (":" not in item or item.startswith(f"{fmt}:"))] for fmt, info in FORMATS.items()}
 
 
-def expected_runners(precisions: dict[str, list[str]]) -> set[str]:
+def expected_runners(precisions: dict[str, list[str]], app_runtimes: bool = True) -> set[str]:
     names = {"pytorch fp32 cpu", "pytorch-compile fp32 cpu"}
     for fmt, chosen in precisions.items():
         for backend, target in LINUX_TARGETS[fmt]:
-            names |= {f"{backend} {precision} {target}" for precision in chosen}
+            if app_runtimes or backend not in APP_RUNTIMES:
+                names |= {f"{backend} {precision} {target}" for precision in chosen}
     return names
 
 
 def check_report(out, slug: str, precisions: dict[str, list[str]], benched: bool = True,
-                 heldout_tokens: int = int(E2E_SETTINGS[E2E_SETTINGS.index("--perplexity-tokens") + 1])) -> dict:
+                 heldout_tokens: int = int(E2E_SETTINGS[E2E_SETTINGS.index("--perplexity-tokens") + 1]),
+                 app_runtimes: bool = True) -> dict:
     """The three report files exist; validation (and bench, when `all` ran it) hold every runner with finite
     numbers; what the host cannot run is listed with its reason. Returns report.json."""
     folder = out / slug / "report"
@@ -56,7 +61,7 @@ def check_report(out, slug: str, precisions: dict[str, list[str]], benched: bool
     validation = {row["runner"]: row for row in report["validation"]["runners"]}
     bench = {row["runner"]: row for row in report["bench"]["runners"]} if benched else {}
     assert ("bench" in report) == benched
-    expected = expected_runners(precisions)
+    expected = expected_runners(precisions, app_runtimes)
     if platform.system() != "Darwin":
         assert expected == set(validation) and (not benched or expected == set(bench)), (
             sorted(validation), sorted(bench))
@@ -123,7 +128,8 @@ def test_real_all_fp32_and_one_compressed_precision_per_format(real, real_bundle
     assert result.returncode == 0, result.stderr[-3000:]
     precisions = planned_precisions(REAL_ALL_PRECISIONS)
     check_bundles(out, real.weights.slug, precisions, real.weights.weight_sha256)
-    report = check_report(out, real.weights.slug, precisions, benched=False, heldout_tokens=int(REAL_HELDOUT_TOKENS))
+    report = check_report(out, real.weights.slug, precisions, benched=False, heldout_tokens=int(REAL_HELDOUT_TOKENS),
+                          app_runtimes=False)
     rows = {row["runner"]: row for row in report["validation"]["runners"]}
     for name, row in rows.items():
         if " fp32 " in f" {name} " and row["verdict"] != "reference":

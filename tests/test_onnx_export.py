@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import real_bundle_path
-from exporters.onnx import MODEL_FILES, FullPastBuffer, OnnxDecoder, export, export_many, weight_bytes_per_token
+from exporters.onnx import (MODEL_FILES, OPTIMUM_AXES, FullPastBuffer, OnnxDecoder, export, export_many,
+                            weight_bytes_per_token)
 from exporters.onnx_quantize import BLOCK_SIZE, quantized_graph
 from exporters.weight_grids import FLOAT_QUANTIZER, FLOAT_QUANTIZERS
 from exporters.signature import decoder_io
@@ -145,39 +146,63 @@ def decoder_file(exports, precision: str):
 def test_variant_files_signature_and_steps(tiny, tiny_exports):
     for precision, (folder, variant, steps) in tiny_exports.items():
         assert variant.files == [MODEL_FILES[precision], MODEL_FILES[precision] + "_data"]
+        assert variant.files[0].startswith("onnx/")  # the Hugging Face layout: graphs and their data in onnx/
         assert all((folder / name).stat().st_size > 0 for name in variant.files)
         shared = decoder_io(tiny.model.config, "float32")
-        # A sliding layer's past has its own axis (it may hold only the newest keys); the rest is the shared I/O.
-        sliding = {"past_key_values.0.key": ["batch", 2, "sliding_past", 16],
-                   "present.0.key": ["batch", 2, "sliding_past + seq", 16]}
+        # Optimum's axis names; a sliding layer's past has its own axis (it may hold only the newest keys).
+        sliding = {"past_key_values.0.key": ["batch_size", 2, "sliding_past_sequence_length", 16],
+                   "present.0.key": ["batch_size", 2, "sliding_past_sequence_length + sequence_length", 16]}
         for name, shape in sliding.items():
             assert next(spec for spec in [*variant.io["inputs"], *variant.io["outputs"]]
                         if spec["name"] == name)["shape"] == shape
         sliding_layers = {i for i in range(tiny.model.config.num_layers) if tiny.model.config.is_sliding(i)}
         assert sliding_layers == {0, 1, 3, 4}
+        ours = {optimum: axis.replace("sliding_past", "past") for axis, optimum in OPTIMUM_AXES.items()}
 
         def as_shared(spec):
-            layer = int(spec["name"].split(".")[1]) if spec["name"].startswith(("past_", "present.")) else None
-            return {**spec, "shape": [axis.replace("sliding_past", "past") if isinstance(axis, str) else axis
-                                      for axis in spec["shape"]]} if layer in sliding_layers else spec
-        assert [as_shared(spec) for spec in variant.io["inputs"]] == [
-            *shared["inputs"], {"name": "num_logits_to_keep", "dtype": "int64", "shape": [], "default": 0},
+            return {**spec, "shape": [ours[axis] if isinstance(axis, str) else axis for axis in spec["shape"]]}
+        assert [as_shared(spec) for spec in variant.io["inputs"][:-2]] == shared["inputs"]
+        assert variant.io["inputs"][-2:] == [
+            {"name": "num_logits_to_keep", "dtype": "int64", "shape": [], "default": 0},
             {"name": "full_presents_new_only", "dtype": "bool", "shape": [], "default": False}]
         assert [as_shared(spec) for spec in variant.io["outputs"][1:]] == shared["outputs"][1:]
         assert variant.logits_dtype == "float32"
-        assert variant.io["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "seq_kept", 512]}
+        assert variant.io["outputs"][0] == {"name": "logits", "dtype": "float32",
+                                            "shape": ["batch_size", "kept_sequence_length", 512]}
         assert variant.opset >= 18
         proto = onnx.load(str(folder / variant.files[0]), load_external_data=False)
         graph = proto.graph
         shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                   for v in [*graph.input, *graph.output]}
-        assert shapes["attention_mask"] == ["batch", "past + seq"]
-        assert shapes["past_key_values.0.key"] == ["batch", 2, "sliding_past", 16]
-        assert shapes["present.0.value"] == ["batch", 2, "sliding_past + seq", 16]
-        assert shapes["past_key_values.2.key"] == ["batch", 2, "past", 16]
-        assert shapes["present.5.value"] == ["batch", 2, "past + seq", 16]
+        assert shapes["input_ids"] == shapes["position_ids"] == ["batch_size", "sequence_length"]
+        assert shapes["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
+        assert shapes["past_key_values.0.key"] == ["batch_size", 2, "sliding_past_sequence_length", 16]
+        assert shapes["present.0.value"] == ["batch_size", 2, "sliding_past_sequence_length + sequence_length", 16]
+        assert shapes["past_key_values.2.key"] == ["batch_size", 2, "past_sequence_length", 16]
+        assert shapes["present.5.value"] == ["batch_size", 2, "past_sequence_length + sequence_length", 16]
         assert {prop.key: prop.value for prop in proto.metadata_props}["gemma3.sliding_window"] == "8"
-        assert shapes["logits"] == ["batch", "seq_kept", 512]
+        assert shapes["logits"] == ["batch_size", "kept_sequence_length", 512]
+
+
+def test_positions_come_from_the_attention_mask_not_position_ids(tiny_exports, tiny_prompt):
+    """transformers.js feeds Gemma 3 1-based position ids, ORT GenAI and Optimum 0-based: the file derives
+    positions from attention_mask (HF's rule), so any position_ids give the same logits, prefill and decode."""
+    session = onnxruntime.InferenceSession(str(decoder_file(tiny_exports, "fp32")), providers=["CPUExecutionProvider"])
+    past_specs = [spec for spec in session.get_inputs() if spec.name.startswith("past_key_values.")]
+    empty = {spec.name: np.zeros((1, spec.shape[1], 0, spec.shape[3]), np.float32) for spec in past_specs}
+    ids = np.array([tiny_prompt], np.int64)
+    length = ids.shape[1]
+    runs = {}
+    for start in (0, 1, 1000):
+        prefill = dict(empty, input_ids=ids, attention_mask=np.ones((1, length), np.int64),
+                       position_ids=np.arange(start, start + length, dtype=np.int64)[None])
+        logits, *presents = session.run(None, prefill)
+        step = {spec.name: present for spec, present in zip(past_specs, presents)}
+        step.update(input_ids=np.array([[7]], np.int64), attention_mask=np.ones((1, length + 1), np.int64),
+                    position_ids=np.array([[start + length]], np.int64))
+        runs[start] = (logits, session.run(["logits"], step)[0])
+    for start in (1, 1000):
+        assert np.array_equal(runs[start][0], runs[0][0]) and np.array_equal(runs[start][1], runs[0][1]), start
 
 
 def test_one_trace_serves_every_precision(tiny_exports):
@@ -533,10 +558,12 @@ def test_optimum_generates_what_pytorch_generates(tiny, tiny_exports, tiny_promp
     optimum_onnxruntime = pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is not installed")
     folder, variant, _ = tiny_exports["fp32"]
     for name in variant.files:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).symlink_to(folder / name)
     (tmp_path / "config.json").write_text(json.dumps(tiny.model.config.to_hf_config()))
-    model = optimum_onnxruntime.ORTModelForCausalLM.from_pretrained(tmp_path, file_name=variant.files[0],
-                                                                    use_cache=True)
+    subfolder, file_name = variant.files[0].split("/")
+    model = optimum_onnxruntime.ORTModelForCausalLM.from_pretrained(tmp_path, subfolder=subfolder,
+                                                                    file_name=file_name, use_cache=True)
     input_ids = torch.tensor([tiny_prompt])
     output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=32,
                             min_new_tokens=32, do_sample=False)

@@ -195,8 +195,8 @@ def open_runner_with_ballast(spec, *args, **kwargs):
 pipeline.make_runner = open_runner_with_ballast
 reset_peak_rss()
 base = status_bytes()["VmRSS"]
-outcome = pipeline.run_validation(loaded, out, Selection(formats=("torchscript", "onnx")), max_new_tokens=4,
-                                  threads=2)
+selection = Selection(formats=("torchscript", "onnx"), backends=("torchscript", "torch-export", "onnxruntime"))
+outcome = pipeline.run_validation(loaded, out, selection, max_new_tokens=4, threads=2)
 final = status_bytes()
 print(json.dumps({"base": base, "final": final["VmRSS"], "peak": final["VmHWM"], "opened": opened,
                   "verdicts": {row["runner"]: row["verdict"] for row in outcome.piece["runners"]}}))

@@ -53,8 +53,12 @@ def write_bundle(loaded, model, root: Path, fmt: str, exporter, **options) -> No
         exported = exporter.export(model, bundle.path, "fp32", **options)
         for variant in exported if isinstance(exported, list) else [exported]:
             bundle.add_variant(**{**dataclasses.asdict(variant), "precision": variant_key(variant)})
-        bundle.finish(config=weights.config, tokenizer=loaded.tokenizer,
-                      source={"model_id": weights.source_id, "weight_sha256": weights.weight_sha256})
+        source = {"model_id": weights.source_id, "weight_sha256": weights.weight_sha256}
+        # The format's own files, as export_bundle writes them (ONNX: the Hugging Face repository files).
+        bundle_files = getattr(exporter, "write_bundle_files", None)
+        bundle.finish(config=weights.config, tokenizer=loaded.tokenizer, source=source,
+                      extra_files=bundle_files and (lambda folder, variants: bundle_files(
+                          folder, weights.config, variants, {**source, "slug": weights.slug})))
 
 
 @pytest.fixture(scope="module")
@@ -396,7 +400,8 @@ def test_validate_writes_the_three_report_files(tiny, artifacts):
 def test_bench_measures_each_runner_in_its_own_process(tiny, artifacts, tmp_path):
     # Its own copy with its own validation piece: the report then combines both, whatever ran before.
     root = copy_artifacts(artifacts, tmp_path / "artifacts")
-    onnx_only = Selection(formats=("onnx",))
+    # ONNX Runtime's own loop only: the app runtimes' bench rows are checked on tiny_all (test_end_to_end.py).
+    onnx_only = Selection(formats=("onnx",), backends=("onnxruntime",))
     assert run_validation(tiny, root, onnx_only, max_new_tokens=NEW_TOKENS, threads=1,
                           perplexity_tokens=64).failed_runners == []
     settings = BenchSettings(threads=1, ttft_prompt_tokens=4, prefill_tokens=16, decode_tokens=4, repeats=1)
@@ -437,7 +442,7 @@ def test_a_loosened_threshold_is_applied(perturbed_artifacts):
 # ------------------------------------------------------------------------------------------------ bad input
 
 def overwrite_first_float(path: Path) -> None:
-    """Rewrite one float of an initializer in place (a model.onnx_data byte range), nothing else."""
+    """Rewrite one float of an initializer in place (an onnx/model.onnx_data byte range), nothing else."""
     with open(path, "r+b") as handle:
         value = np.frombuffer(handle.read(4), dtype=np.float32)[0]
         handle.seek(0)
@@ -445,12 +450,12 @@ def overwrite_first_float(path: Path) -> None:
 
 
 def tamper_hash(bundle: Path) -> str:
-    overwrite_first_float(bundle / "model.onnx_data")
+    overwrite_first_float(bundle / "onnx" / "model.onnx_data")
     return "sha256 mismatch"
 
 
 def delete_file(bundle: Path) -> str:
-    (bundle / "model.onnx_data").unlink()
+    (bundle / "onnx" / "model.onnx_data").unlink()
     return "missing"
 
 

@@ -185,7 +185,8 @@ def measure(runner: Runner, settings: BenchSettings, load_seconds: float) -> dic
                 "prefill_tokens": prefill_length, "prefill_tokens_per_second": prefill,
                 "decode_tokens": decode_tokens, "decode_tokens_per_second": decode,
                 "size_bytes": runner.size_bytes, "weight_bytes_per_token": runner.weight_bytes_per_token,
-                "threads": settings.threads or os.cpu_count(), "peak_rss_bytes": peak_rss_bytes()}
+                "threads": settings.threads or os.cpu_count(),
+                "peak_rss_bytes": peak_rss_bytes() + child_peak_rss_bytes(runner)}
     shortened = shortened_measurements(settings, ttft_runs, prefill_runs, decode_tokens, decode_runs)
     return {**measured, "shortened": shortened} if shortened else measured
 
@@ -199,6 +200,13 @@ def shortened_measurements(settings: BenchSettings, ttft_runs: int, prefill_runs
     if decode_tokens < settings.decode_tokens:
         cut.append(f"decode: {decode_tokens} of {settings.decode_tokens} tokens per run")
     return cut
+
+
+def child_peak_rss_bytes(runner: Any) -> int:
+    """A runtime in a child process of its own (transformers.js under node) adds that process's peak; runners
+    without a decoder (the baselines) have none."""
+    decoder = getattr(runner, "decoder", None)
+    return decoder.child_peak_rss_bytes() if hasattr(decoder, "child_peak_rss_bytes") else 0
 
 
 def run_job_in_subprocess(job: BenchJob) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from exporters.hf_repo import refresh_model_card
 from exporters.progress import byte_progress_bar
 from model.errors import UserError
 from model.loading import LoadedModel
@@ -154,8 +155,13 @@ def save_timings(artifacts_root: Path, slug: str, timings: dict[str, Any]) -> No
 
 
 def write_report(artifacts_root: Path, slug: str) -> dict[str, Path]:
+    """The report files, and the ONNX bundle's model card with the validation numbers."""
     folder = report_files.report_dir(artifacts_root, slug)
     if not any((folder / f"{piece}.json").is_file() for piece in report_files.RESULT_PIECES):
         raise UserError(f"{folder} holds no validation or benchmark results yet",
                         "run gemma-export validate (and bench) first")
-    return report_files.write_report(folder)
+    paths = report_files.write_report(folder)
+    validation = report_files.load_pieces(folder).get("validation")
+    if validation is not None:
+        refresh_model_card(artifacts_root, slug, validation)
+    return paths

@@ -32,6 +32,7 @@ from exporters.coreml import COMPUTE_UNITS as COREML_COMPUTE_UNITS
 from exporters.registry import FORMATS
 from model.errors import UserError
 from model.gemma3 import Gemma3Model
+from validation.app_runtimes import genai_unavailable_reason, transformers_js_unavailable_reason
 
 TORCH_DEVICES = ("cpu", "cuda", "mps")
 # ONNX Runtime execution providers by their short names (the CLI takes either form).
@@ -45,7 +46,7 @@ class Backend:
     name: str
     bundle_format: str | None  # None: runs the reference model itself, no bundle needed
     variant_suffix: str  # manifest key of a variant = precision + suffix (torch.export programs: "-pt2")
-    target_kind: str  # what `RunnerSpec.device` names for it: "device", "provider" or "compute units"
+    target_kind: str  # what `RunnerSpec.device` names for it: "device", "provider", "compute units" or "runtime"
     targets: tuple[str, ...]
 
 
@@ -57,6 +58,9 @@ BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
     Backend("onnxruntime", "onnx", "", "provider", tuple(ONNX_PROVIDERS)),
     Backend("coreml", "coreml", "", "compute units", COREML_COMPUTE_UNITS),
     Backend("coreml-mil", "coreml", "", "device", ("numpy",)),
+    # The runtimes apps embed, over the ONNX bundle folder as shipped (validation/app_runtimes.py).
+    Backend("onnxruntime-genai", "onnx", "", "runtime", ("cpu",)),
+    Backend("transformers-js", "onnx", "", "runtime", ("node",)),
 )}
 REFERENCE_BACKEND = "pytorch"
 REFERENCE_PRECISION = "fp32"
@@ -108,6 +112,9 @@ class Host:
     onnx_providers: tuple[str, ...]
     cpp_compiler: bool  # torch.compile's CPU backend (inductor) compiles C++
     mil_runner: bool  # validation/mil.py (Core ML programs run with numpy) is installed
+    # Why onnxruntime-genai / transformers.js (node) cannot run here, None when they can.
+    genai_missing: str | None = "not detected"
+    node_missing: str | None = "not detected"
 
     @classmethod
     def detect(cls) -> "Host":
@@ -115,7 +122,8 @@ class Host:
                    mps=getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
                    onnx_providers=installed_onnx_providers(),
                    cpp_compiler=any(shutil.which(name) for name in ("c++", "g++", "clang++")),
-                   mil_runner=importlib.util.find_spec("validation.mil") is not None)
+                   mil_runner=importlib.util.find_spec("validation.mil") is not None,
+                   genai_missing=genai_unavailable_reason(), node_missing=transformers_js_unavailable_reason())
 
 
 def installed_onnx_providers() -> tuple[str, ...]:
@@ -132,6 +140,10 @@ def unavailable_reason(backend: Backend, target: str, host: Host) -> str | None:
         return "Core ML runtime needs macOS"
     if backend.name == "coreml-mil" and not host.mil_runner:
         return "the Core ML MIL runner (validation/mil.py) is not installed"
+    if backend.name == "onnxruntime-genai" and host.genai_missing:
+        return host.genai_missing
+    if backend.name == "transformers-js" and host.node_missing:
+        return host.node_missing
     if backend.target_kind == "provider":
         provider = ONNX_PROVIDERS[target]
         if provider not in host.onnx_providers:
@@ -199,12 +211,15 @@ class Selection:
     devices: tuple[str, ...] | None = None  # torch devices
     providers: tuple[str, ...] | None = None  # ONNX Runtime providers (short or full names)
     compute_units: tuple[str, ...] | None = None
+    backends: tuple[str, ...] | None = None  # backend names (BACKENDS), e.g. only the app runtimes
 
     def requested_targets(self, backend: Backend) -> tuple[str, ...] | None:
         if backend.target_kind == "provider":
             return None if self.providers is None else tuple(provider_short_name(p) for p in self.providers)
         if backend.target_kind == "compute units":
             return self.compute_units
+        if backend.target_kind == "runtime":  # one target each: nothing to choose
+            return None
         return None if backend.name == "coreml-mil" else self.devices
 
 
@@ -255,6 +270,9 @@ def available_specs(bundles: Mapping[str, Bundle], host: Host, selection: Select
     for backend in BACKENDS.values():
         fmt = backend.bundle_format or IN_MEMORY_FORMAT
         if selection.formats is not None and fmt not in selection.formats:
+            continue
+        if selection.backends is not None and backend.name not in selection.backends \
+                and backend.name != REFERENCE_BACKEND:
             continue
         if backend.bundle_format is not None and backend.bundle_format not in bundles:
             skipped.append(Skipped(backend.name, reasons.get(fmt, f"no {fmt} bundle")))
@@ -447,17 +465,31 @@ def open_coreml_mil(variant: BundleVariant, spec: RunnerSpec, context: OpenConte
     return MILRunner(variant.files[0])
 
 
+def open_onnxruntime_genai(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
+    from validation.app_runtimes import GenaiDecoder
+    bundle = context.bundles["onnx"]
+    return GenaiDecoder(bundle.path, variant.files[0].relative_to(bundle.path).as_posix(), context.threads)
+
+
+def open_transformers_js(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
+    from validation.app_runtimes import TransformersJsDecoder
+    return TransformersJsDecoder(context.bundles["onnx"].path, spec.precision)
+
+
 def onnx_weight_bytes_per_token(variant: BundleVariant) -> int:
     from exporters.onnx import weight_bytes_per_token
     return weight_bytes_per_token(variant.files[0])
 
 
 # Backends whose files hold more than a decode step reads; the others read their whole file per token.
-WEIGHT_BYTES_PER_TOKEN: dict[str, Callable[[BundleVariant], int]] = {"onnxruntime": onnx_weight_bytes_per_token}
+WEIGHT_BYTES_PER_TOKEN: dict[str, Callable[[BundleVariant], int]] = {
+    "onnxruntime": onnx_weight_bytes_per_token, "onnxruntime-genai": onnx_weight_bytes_per_token,
+    "transformers-js": onnx_weight_bytes_per_token}
 
 DECODER_OPENERS: dict[str, Callable[[BundleVariant, RunnerSpec, OpenContext], Any]] = {
     "torchscript": open_torchscript, "torch-export": open_torch_export, "onnxruntime": open_onnxruntime,
     "coreml": open_coreml, "coreml-mil": open_coreml_mil,
+    "onnxruntime-genai": open_onnxruntime_genai, "transformers-js": open_transformers_js,
 }
 
 
