@@ -486,12 +486,12 @@ def html_plot(title: str, png: str | None, caption: str) -> str:
             f"<p class='meta'>{html.escape(caption)}</p>")
 
 
-def html_gate_baselines(report: dict[str, Any]) -> str:
-    rows = gate_baseline_rows(report)
+def html_table_section(title: str, note: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A titled table with its note, or nothing when it has no rows."""
     if not rows:
         return ""
-    return (f"<h2>Baselines on the same tokens</h2><p class='meta'>{html.escape(GATE_BASELINE_NOTE)}</p>"
-            + html_table(GATE_BASELINE_HEADER, rows, verdict_column=None))
+    return (f"<h2>{html.escape(title)}</h2><p class='meta'>{html.escape(note)}</p>"
+            + html_table(header, rows, verdict_column=None))
 
 
 def html_shortened(report: dict[str, Any]) -> str:
@@ -500,14 +500,6 @@ def html_shortened(report: dict[str, Any]) -> str:
         return ""
     return ("<h2>Shortened measurements</h2>" + "".join(f"<p class='meta'>{html.escape(note)}</p>" for note in notes)
             + html_list([html.escape(line) for line in shortened_lines(report)]))
-
-
-def html_timings(report: dict[str, Any]) -> str:
-    rows = timing_rows(report)
-    if not rows:
-        return ""
-    return (f"<h2>Where the time went</h2><p class='meta'>{html.escape(TIMING_NOTE)}</p>"
-            + html_table(TIMING_HEADER, rows, verdict_column=None))
 
 
 def html_baselines(report: dict[str, Any]) -> str:
@@ -554,10 +546,11 @@ def html_report(report: dict[str, Any]) -> str:
         html_plot("Decode speed", decode_speed_plot(rows, bench.get("baselines", [])),
                   "Orange: the memory-bandwidth ceiling, read bandwidth ÷ weight bytes read per token. Grey: "
                   "baselines."),
-        html_gate_baselines(report),
+        html_table_section("Baselines on the same tokens", GATE_BASELINE_NOTE, GATE_BASELINE_HEADER,
+                           gate_baseline_rows(report)),
         html_baselines(report),
         html_shortened(report),
-        html_timings(report),
+        html_table_section("Where the time went", TIMING_NOTE, TIMING_HEADER, timing_rows(report)),
         "<h2>Prompts</h2>" + html_list(prompts) if prompts else "",
         f"<h2>Versions</h2><p class='meta'>{html.escape(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}"
         f"</p>",
