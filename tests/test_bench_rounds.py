@@ -130,8 +130,9 @@ def test_a_fast_runner_is_measured_in_full(monkeypatch):
     measured = validation.bench.measure(runner, settings, load_seconds=1.0)
     assert "shortened" not in measured
     assert measured["decode_tokens"] == 256 and measured["decode_tokens_per_second"] == pytest.approx(1000.0)
-    # TTFT and prefill: a warm-up and 3 timed prefills each; decode: a 16-token warm-up and 3 runs of 256.
-    assert runner.decodes == 16 + 3 * 256 and runner.prefills == 4 + 4 + 4
+    # TTFT and prefill: a warm-up and 3 timed prefills each; decode: a 16-token warm-up, a 16-token probe of its
+    # speed, then 3 runs of 256 (each run after its own prefill).
+    assert runner.decodes == 2 * 16 + 3 * 256 and runner.prefills == 4 + 4 + 2 + 3
 
 
 def test_a_slow_runner_is_cut_to_the_budget_and_says_so(monkeypatch):
@@ -143,7 +144,7 @@ def test_a_slow_runner_is_cut_to_the_budget_and_says_so(monkeypatch):
     assert measured["time_to_first_token_seconds"] == pytest.approx(4.0)
     assert measured["shortened"] == ["TTFT: 2 of 3 timed runs", "prefill: 2 of 3 timed runs",
                                      "decode: 1 of 3 timed runs", "decode: 20 of 256 tokens per run"]
-    assert runner.decodes == 16 + 20
+    assert runner.decodes == 2 * 16 + 20
 
 
 def test_the_slowest_runner_still_gets_one_run_of_the_probe_length(monkeypatch):
@@ -152,3 +153,19 @@ def test_the_slowest_runner_still_gets_one_run_of_the_probe_length(monkeypatch):
     assert measured["decode_tokens"] == validation.bench.DECODE_PROBE_TOKENS
     assert measured["decode_tokens_per_second"] == pytest.approx(0.1)
     assert "prefill: 1 of 3 timed runs" in measured["shortened"]
+
+
+def test_a_runner_slow_only_in_its_first_steps_is_not_cut(monkeypatch):
+    """torch.compile and TorchScript spend their first decode steps compiling: the warm-up absorbs that, and the
+    speed that sets the budget is measured after it."""
+    runner = paced(monkeypatch, prefill_s=0.01, decode_s=0.001)
+    fast_decode = runner.decode
+
+    def decode(token):
+        if runner.decodes < validation.bench.DECODE_PROBE_TOKENS:
+            runner.clock += 5.0  # compiling
+        return fast_decode(token)
+
+    runner.decode = decode
+    measured = validation.bench.measure(runner, BenchSettings(decode_tokens=256, repeats=3, budget_s=30.0), 1.0)
+    assert measured["decode_tokens"] == 256 and "shortened" not in measured

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 # torch and the runners are imported inside the functions that need them: a baseline's process (see
 # validation/baselines.py) measures llama.cpp with this module and must not carry torch in its peak RSS.
 
-DECODE_PROBE_TOKENS = 16  # the decode warm-up, which also measures how many tokens fit the budget
+DECODE_PROBE_TOKENS = 16  # the decode warm-up, then as many again to measure how many tokens fit the budget
 RESULT_PREFIX = "BENCH-RESULT "
 SUBPROCESS_TIMEOUT_S = 3600
 FIRST_ORDINARY_TOKEN = 3  # ids 0-2 are <pad>, <eos>, <bos>
@@ -120,8 +120,8 @@ def prefill_tokens_per_second(runner: Runner, length: int, settings: BenchSettin
 
 def decode_tokens_per_second(runner: Runner, settings: BenchSettings) -> tuple[float, int, int]:
     """(tok/s, tokens per run, timed runs): greedy decode after a short prompt, the prefill outside the timed
-    part. The warm-up decodes a few tokens and its speed sets how many fit the budget: `decode_tokens` per run
-    and `repeats` runs where they fit, fewer (at least DECODE_PROBE_TOKENS in one run) where they do not."""
+    part. A few tokens warm it up, a few more measure how many fit the budget: `decode_tokens` per run and
+    `repeats` runs where they fit, fewer (at least DECODE_PROBE_TOKENS in one run) where they do not."""
     ids = prompt_ids(settings.ttft_prompt_tokens, runner.vocab_size)
 
     def run(tokens: int) -> float:
@@ -132,6 +132,7 @@ def decode_tokens_per_second(runner: Runner, settings: BenchSettings) -> tuple[f
         return time.perf_counter() - started
 
     probe = min(settings.decode_tokens, DECODE_PROBE_TOKENS)
+    run(probe)  # the warm-up: a runtime's first steps can compile or plan (torch.compile, TorchScript)
     per_token = run(probe) / probe
     fitting_tokens = int(settings.budget_s / per_token) if per_token > 0 else settings.decode_tokens
     tokens = max(probe, min(settings.decode_tokens, fitting_tokens))
