@@ -263,10 +263,11 @@ def test_int4_package_dequantizes_like_coremltools(tiny, tmp_path):
     function = program.functions["main"]
     executor = MILExecutor(function)
     compressed = [op for op in function.operations if op.op_type.startswith("constexpr_")]
-    # q, o, gate, up, down per layer; k/v (32 × 64) and the embedding chunks (32 × 64) hold 2048 values, which
-    # coremltools' default weight_threshold leaves uncompressed.
-    assert len(compressed) == 6 * 5
-    for op in compressed[:8]:
+    # Every weight matrix as its grid (exporters/weight_grids.py), the tied embedding as the LM head's chunks.
+    matrices = sum(parameter.dim() == 2 for parameter in tiny.model.state_dict().values())
+    assert len(compressed) == matrices - 1 + coreml.DEFAULT_LM_HEAD_CHUNKS
+    assert {op.op_type for op in compressed} == {"constexpr_blockwise_shift_scale"}
+    for op in [*compressed[:8], *compressed[-2:]]:
         np.testing.assert_array_equal(executor.constants[op.outputs[0].name], op.materialized_val_inference())
 
 
