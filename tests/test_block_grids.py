@@ -16,7 +16,7 @@ import torch
 from conftest import gguf_writer, real_bundle_path
 from exporters.coreml import export_many as coreml_export_many
 from exporters.coreml_grids import grids_by_weight
-from exporters.onnx import OnnxDecoder, export_many
+from exporters.onnx import MODEL_FILES, OnnxDecoder, export_many
 from exporters.weight_grids import model_grids
 from model.block_grids import (GGUF_BLOCK_TYPES, BlockGrid, grid_from_gguf_blocks, least_squares_clipped,
                                round_to_nearest, stacked)
@@ -229,7 +229,7 @@ def test_a_type_without_an_exact_grid_is_named_and_requantized_only_when_asked(t
 def test_real_int4_onnx_file_holds_the_gguf_weights_exactly(real, real_bundles):
     """The real Q4_K_M GGUF's own grids (Q8_0 embedding and head, Q5_0, Q6_K, Q4_K) in `model_q4.onnx` of the
     real `gemma-export all` bundle: every weight matrix bit for bit the dequantized GGUF."""
-    file = real_bundle_path(real_bundles, "onnx") / "model_q4.onnx"
+    file = real_bundle_path(real_bundles, "onnx") / MODEL_FILES["int4"]
     assert_bit_identical(file, real.weights.state_dict, 4 * real.model.config.num_layers + 1)
 
 
