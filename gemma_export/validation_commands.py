@@ -17,6 +17,7 @@ from validation.baselines import BASELINE_CHOICES
 from validation.bench import BenchSettings
 from validation.compare import FP32_MAX_LOGIT_DIFF, HELDOUT_MAX_TOKENS, THRESHOLDS
 from validation.pipeline import Outcome, run_bench, run_validation, write_report
+from validation.report import timing_rows
 from validation.runners import (BACKENDS, COREML_COMPUTE_UNITS, FORMAT_CHOICES, ONNX_PROVIDERS, TORCH_DEVICES,
                                 Selection)
 
@@ -165,18 +166,18 @@ def report_command(model_id: str, out_dir: Path) -> None:
 
 
 def stage_summary(timings: dict[str, Any], validation: Outcome, bench: Outcome | None, verbose: bool) -> str:
-    """Where the time went, one line per stage; with `verbose` a line per runner under validate and bench."""
+    """Where the time went, from the report's timing table: each export, the validate and bench totals and the
+    whole command; with `verbose` also each runner under validate and bench."""
+    report = {"timings": timings, "validation": validation.piece, "bench": bench.piece if bench else {}}
     lines = ["time per stage:"]
-    lines += [f"  export {fmt:<12} {seconds:7.0f} s" for fmt, seconds in timings["exports"].items()]
-    for stage, outcome in (("validate", validation), ("bench", bench)):
-        if outcome is None:
-            continue
-        lines.append(f"  {stage:<19} {outcome.piece['seconds']:7.0f} s")
-        if verbose:
-            lines += [f"    {row['runner']:<36} {row['seconds']:7.0f} s"
-                      for row in [*outcome.piece["runners"], *outcome.piece.get("baselines", [])]
-                      if row.get("seconds") is not None]
-    lines.append(f"  {'all':<19} {timings['total_seconds']:7.0f} s")
+    for stage, part, seconds, _share in timing_rows(report):
+        whole_stage = part.startswith("(")
+        if stage == "export" and not whole_stage:
+            lines.append(f"  export {part:<12} {seconds:>7} s")
+        elif whole_stage and stage != "export":
+            lines.append(f"  {stage:<19} {seconds:>7} s")
+        elif verbose and not whole_stage:
+            lines.append(f"    {part:<36} {seconds:>7} s")
     return "\n".join(lines)
 
 

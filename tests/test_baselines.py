@@ -19,10 +19,10 @@ from validation.pipeline import run_bench, run_validation, write_report
 from model.loading import load
 from model.tokenizer import tiny_vocabulary
 from model.weights import GGUF_NAMES, is_norm, save_hf_directory, source_names
-from validation.baselines import RATIO_METRICS, open_baseline
+from validation.baselines import RATIO_METRICS, open_baseline, open_baseline_runner
 from validation.bench import BenchSettings, prompt_ids
 from validation.compare import matching_prefix
-from validation.runners import REFERENCE_SPEC, Selection, make_runner
+from validation.runners import REFERENCE_SPEC, Runner, RunnerSpec, Selection, make_runner
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = "import sys; from gemma_export.cli import cli; from gemma_export.errors import run_cli; sys.exit(run_cli(cli))"
@@ -192,6 +192,28 @@ def test_llama_cpp_baseline_runs_our_model(tiny, tiny_gguf):
     for step, (their_logits, our_logits) in enumerate(zip(theirs, ours)):
         # llama.cpp keeps K and V in fp16: equal to a small fraction of the logits' range, not to fp32 rounding.
         assert np.abs(their_logits - our_logits).max() < 2e-2 * scale, step
+
+
+@needs_llama_cpp
+def test_llama_cpp_teacher_forces_a_text_in_one_prefill(tiny, tiny_gguf):
+    """Validation's llama.cpp keeps every position's logits: one prefill gives what a prefill and a decode step
+    per token give (llama.cpp's batched and one-token kernels round alike up to its fp16 KV cache)."""
+    spec = RunnerSpec.from_dict(LLAMA_CPP_SPEC)
+    batched = open_baseline_runner(spec, tiny_gguf, context_tokens=64, threads=1)
+    stepwise = Runner(spec, *runner_parts(open_baseline(LLAMA_CPP_SPEC, tiny_gguf, context_tokens=64, threads=1)))
+    text = prompt_ids(40, tiny.model.config.vocab_size)
+    one_prefill, step_by_step = batched.teacher_forced(text), stepwise.teacher_forced(text)
+    assert hasattr(batched.decoder, "prefill_every_position") and not hasattr(stepwise.decoder,
+                                                                              "prefill_every_position")
+    assert len(one_prefill) == len(step_by_step) == len(text) - 1
+    scale = np.abs(step_by_step[0]).max()
+    for step, (mine, theirs) in enumerate(zip(one_prefill, step_by_step)):
+        assert np.abs(mine - theirs).max() < 2e-2 * scale, step
+        assert mine.argmax() == theirs.argmax(), step
+
+
+def runner_parts(opened) -> tuple:
+    return opened, opened.vocab_size, opened.size_bytes, opened.weight_bytes_per_token, opened.context_tokens
 
 
 def check_ratios(row: dict, baseline: dict) -> None:

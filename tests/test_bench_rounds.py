@@ -120,12 +120,8 @@ class PacedRunner:
         return np.zeros(self.vocab_size)
 
 
-def paced(monkeypatch, prefill_s: float, decode_s: float) -> PacedRunner:
-    return PacedRunner(monkeypatch, prefill_s, decode_s)
-
-
 def test_a_fast_runner_is_measured_in_full(monkeypatch):
-    runner = paced(monkeypatch, prefill_s=0.01, decode_s=0.001)
+    runner = PacedRunner(monkeypatch, prefill_s=0.01, decode_s=0.001)
     settings = BenchSettings(decode_tokens=256, repeats=3, budget_s=30.0)
     measured = validation.bench.measure(runner, settings, load_seconds=1.0)
     assert "shortened" not in measured
@@ -136,7 +132,7 @@ def test_a_fast_runner_is_measured_in_full(monkeypatch):
 
 
 def test_a_slow_runner_is_cut_to_the_budget_and_says_so(monkeypatch):
-    runner = paced(monkeypatch, prefill_s=4.0, decode_s=0.5)
+    runner = PacedRunner(monkeypatch, prefill_s=4.0, decode_s=0.5)
     settings = BenchSettings(decode_tokens=256, repeats=3, budget_s=10.0)
     measured = validation.bench.measure(runner, settings, load_seconds=1.0)
     # Prefill: 4 s a run, 2 runs fit 10 s. Decode: 0.5 s a token, 20 tokens fit, in one run.
@@ -148,7 +144,7 @@ def test_a_slow_runner_is_cut_to_the_budget_and_says_so(monkeypatch):
 
 
 def test_the_slowest_runner_still_gets_one_run_of_the_probe_length(monkeypatch):
-    runner = paced(monkeypatch, prefill_s=100.0, decode_s=10.0)
+    runner = PacedRunner(monkeypatch, prefill_s=100.0, decode_s=10.0)
     measured = validation.bench.measure(runner, BenchSettings(decode_tokens=256, repeats=3, budget_s=10.0), 1.0)
     assert measured["decode_tokens"] == validation.bench.DECODE_PROBE_TOKENS
     assert measured["decode_tokens_per_second"] == pytest.approx(0.1)
@@ -158,7 +154,7 @@ def test_the_slowest_runner_still_gets_one_run_of_the_probe_length(monkeypatch):
 def test_a_runner_slow_only_in_its_first_steps_is_not_cut(monkeypatch):
     """torch.compile and TorchScript spend their first decode steps compiling: the warm-up absorbs that, and the
     speed that sets the budget is measured after it."""
-    runner = paced(monkeypatch, prefill_s=0.01, decode_s=0.001)
+    runner = PacedRunner(monkeypatch, prefill_s=0.01, decode_s=0.001)
     fast_decode = runner.decode
 
     def decode(token):

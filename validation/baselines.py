@@ -120,11 +120,14 @@ def import_runtime(baseline: str) -> None:
     importlib.import_module("llama_cpp" if baseline == LLAMA_CPP else "transformers")
 
 
-def open_baseline(spec: Mapping[str, str], model_path: Path, context_tokens: int, threads: int = 0) -> Any:
-    """A runner over the baseline named by `spec["backend"]` with room for `context_tokens`."""
+def open_baseline(spec: Mapping[str, str], model_path: Path, context_tokens: int, threads: int = 0,
+                  every_position: bool = False) -> Any:
+    """A runner over the baseline named by `spec["backend"]` with room for `context_tokens`; `every_position`:
+    one that also answers every position's logits of a prefill (validation's teacher forcing; bench times the
+    runner as apps run it, keeping the last logits only)."""
     threads = threads or os.cpu_count() or 1
     if spec["backend"] == LLAMA_CPP:
-        return LlamaCppRunner(model_path, context_tokens, threads)
+        return (TeacherForcedLlamaCpp if every_position else LlamaCppRunner)(model_path, context_tokens, threads)
     return open_transformers(spec, model_path, context_tokens, threads)
 
 
@@ -133,7 +136,7 @@ def open_baseline_runner(spec: RunnerSpec, model_path: Path, context_tokens: int
     torch already) on the same tokens as our runners."""
     from validation.runners import Runner
 
-    opened = open_baseline(spec.to_dict(), model_path, context_tokens, threads)
+    opened = open_baseline(spec.to_dict(), model_path, context_tokens, threads, every_position=True)
     if isinstance(opened, Runner):
         return opened
     return Runner(spec, opened, opened.vocab_size, opened.size_bytes, opened.weight_bytes_per_token,
@@ -145,12 +148,14 @@ class LlamaCppRunner:
     prompt (in llama.cpp's batches of 512), decode one token; the logits are the last evaluated token's, read from
     the context (`logits_all=False` keeps only those). Not a validation.runners.Runner: that module needs torch."""
 
+    logits_all = False
+
     def __init__(self, path: Path, context_tokens: int, threads: int) -> None:
         import llama_cpp
 
         self.llama_cpp = llama_cpp
         self.llama = llama_cpp.Llama(model_path=str(path), n_ctx=context_tokens, n_threads=threads,
-                                     n_threads_batch=threads, logits_all=False, verbose=False)
+                                     n_threads_batch=threads, logits_all=self.logits_all, verbose=False)
         self.context_tokens = min(self.llama.n_ctx(), llama_cpp.llama_model_n_ctx_train(self.llama.model))
         self.vocab_size = self.llama.n_vocab()
         # A decode step reads every weight once; the quantized weights are (nearly all of) the file.
@@ -173,6 +178,20 @@ class LlamaCppRunner:
     def last_logits(self) -> np.ndarray:
         row = self.llama_cpp.llama_get_logits_ith(self.llama.ctx, -1)
         return np.ctypeslib.as_array(row, shape=(self.vocab_size,)).copy()
+
+
+class TeacherForcedLlamaCpp(LlamaCppRunner):
+    """llama.cpp keeping every evaluated position's logits (`logits_all`), so a text is teacher-forced in one
+    prefill, as the runners that can do so are (validation.runners.Runner.teacher_forced)."""
+
+    logits_all = True
+
+    def prefill_every_position(self, ids: np.ndarray) -> np.ndarray:
+        """[positions, vocab]: row k is the logits after ids[..k]."""
+        tokens = [int(token) for token in np.asarray(ids).reshape(-1)]
+        self.llama.reset()
+        self.llama.eval(tokens)
+        return np.array(self.llama.scores[:len(tokens)], dtype=np.float32)
 
 
 def open_transformers(spec: Mapping[str, str], model_path: Path, context_tokens: int, threads: int) -> Any:

@@ -316,9 +316,9 @@ def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, s
              "prompts": [{"prompt": run.prompt.name, "prompt_tokens": len(run.prompt.ids),
                           "crosses_window": run.prompt.crosses_window, "reference_tokens": run.tokens}
                          for run in references], "seconds": time.perf_counter() - started}]
-    judged = [(name, spec, opener, thresholds) for name, spec, opener in open_runners]
-    unjudged = [(name, spec, opener, lambda precision: Thresholds()) for name, spec, opener in open_baselines]
-    for name, spec, open_runner, floors in [*judged, *unjudged]:
+    judged = [(name, spec, opener, thresholds, False) for name, spec, opener in open_runners]
+    unjudged = [(name, spec, opener, lambda precision: Thresholds(), True) for name, spec, opener in open_baselines]
+    for name, spec, open_runner, floors, is_baseline in [*judged, *unjudged]:
         raise_if_interrupted()  # a Ctrl-C swallowed inside the last runtime (coremltools has bare excepts)
         if on_runner is not None:
             on_runner(name, False)
@@ -327,7 +327,7 @@ def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, s
             row = compare_opened(open_runner, references, heldout, floors)
         except Exception as error:  # noqa: BLE001 — one broken runtime must not hide the others' verdicts
             row = crashed_result(name, spec, error)
-        if floors is not thresholds:
+        if is_baseline:
             row.update(baseline=True, verdict="FAIL" if row["verdict"] == "FAIL" else "baseline")
         row["seconds"] = time.perf_counter() - started
         rows.append(row)

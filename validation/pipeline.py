@@ -111,11 +111,13 @@ def baseline_opener(name: str, files: BaselineFiles, max_length: int, threads: i
 def progress_callback(bar: tqdm, first_done: bool = False) -> Callable[[str, bool], None]:
     """Shows the runner at work; counts it when it is done (`first_done`: the reference's own step, already
     running when the first runner is announced, is counted then)."""
-    pending = [first_done]
+    reference_running = first_done
 
     def on_runner(name: str, finished: bool) -> None:
-        if pending and pending.pop():
+        nonlocal reference_running
+        if reference_running:
             bar.update(1)
+            reference_running = False
         if finished:
             bar.update(1)
         else:
