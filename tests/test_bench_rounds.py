@@ -11,7 +11,8 @@ import validation.bandwidth
 import validation.bench
 from validation.bench import BenchJob, BenchSettings, bench_all
 from validation.report import BASELINE_NOTE, baseline_note
-from validation.runners import RunnerSpec
+from validation.pipeline import timed_specs
+from validation.runners import RunnerSpec, Selection
 
 RUNNER = RunnerSpec("onnxruntime", "int4", "cpu")
 BASELINE = RunnerSpec("llama.cpp", "Q4_K_M", "cpu")
@@ -165,3 +166,14 @@ def test_a_runner_slow_only_in_its_first_steps_is_not_cut(monkeypatch):
     runner.decode = decode
     measured = validation.bench.measure(runner, BenchSettings(decode_tokens=256, repeats=3, budget_s=30.0), 1.0)
     assert measured["decode_tokens"] == 256 and "shortened" not in measured
+
+
+def test_the_mil_interpreter_is_timed_only_when_asked_for_by_name():
+    """Bench leaves the numpy MIL interpreter out by default (its numerics are validation's; its speed is not
+    Core ML's) and lists it as skipped with how to ask for it; `--backends coreml-mil` measures it."""
+    specs = [RunnerSpec("onnxruntime", "int4", "cpu"), RunnerSpec("coreml-mil", "int4", "numpy")]
+    timed, untimed = timed_specs(specs, Selection())
+    assert timed == specs[:1]
+    assert [entry.runner for entry in untimed] == ["coreml-mil int4 numpy"]
+    assert "--backends coreml-mil" in untimed[0].reason
+    assert timed_specs(specs, Selection(backends=("coreml-mil", "onnxruntime"))) == (specs, [])

@@ -62,9 +62,13 @@ def check_report(out, slug: str, precisions: dict[str, list[str]], benched: bool
     bench = {row["runner"]: row for row in report["bench"]["runners"]} if benched else {}
     assert ("bench" in report) == benched
     expected = expected_runners(precisions, app_runtimes)
+    interpreters = {name for name in expected if name.startswith("coreml-mil ")}
     if platform.system() != "Darwin":
-        assert expected == set(validation) and (not benched or expected == set(bench)), (
+        assert expected == set(validation) and (not benched or expected - interpreters == set(bench)), (
             sorted(validation), sorted(bench))
+        if benched:  # the MIL interpreter's numerics are judged; its speed is not measured, and the report says why
+            bench_skipped = {entry["runner"]: entry["reason"] for entry in report["bench"]["skipped"]}
+            assert {name for name, reason in bench_skipped.items() if "--backends coreml-mil" in reason} == interpreters
         skipped = {entry["runner"]: entry["reason"] for entry in report["validation"]["skipped"]}
         assert {name for name, reason in skipped.items() if reason == "Core ML runtime needs macOS"} == {
             f"coreml {precision} {units}" for precision in precisions.get("coreml", [])
@@ -76,8 +80,8 @@ def check_report(out, slug: str, precisions: dict[str, list[str]], benched: bool
         assert row["teacher_forced_steps"] == 3 * row["greedy_steps"] + heldout_tokens - 1, name
         assert all(math.isfinite(row[metric]) for metric in METRICS), (name, row)
         assert row["nonfinite_logits"] == 0, name
-        assert not benched or all(math.isfinite(bench[name][metric]) and bench[name][metric] > 0
-                                  for metric in BENCH_METRICS), (name, bench[name])
+        assert not benched or name in interpreters or all(
+            math.isfinite(bench[name][metric]) and bench[name][metric] > 0 for metric in BENCH_METRICS), name
     markdown = (folder / "report.md").read_text()
     assert all(f"| {name.split()[0]} | {name.split()[1]} |" in markdown for name in expected)
     check_timings(report, markdown, precisions, benched)

@@ -30,6 +30,7 @@ from validation.bench import BenchSettings
 from validation.compare import (THRESHOLDS, Prompt, Thresholds, compare_all, crashed_result, failures,
                                 greedy_and_forced, greedy_run, load_prompts, matching_prefix, step_metrics, teacher_forced_logits, thresholds_for)
 from validation.report import save_piece
+from validation.mil import covering_chunks
 from validation.runners import (BACKENDS, REFERENCE_SPEC, Host, Runner, RunnerSpec, Selection, available_specs,
                                 load_bundles, make_runner, unavailable_reason)
 from validation.pipeline import run_bench, run_validation, write_report
@@ -343,6 +344,21 @@ def test_teacher_forcing_in_one_prefill_equals_step_by_step(tiny, artifacts):
         stepped = [runner.prefill(ids[:1]), *(runner.decode(token) for token in ids[1:-1])]
         assert len(at_once) == len(stepped) == len(ids) - 1
         assert max(float(np.abs(a - b).max()) for a, b in zip(at_once, stepped)) <= 1e-4, backend
+
+
+def test_mil_teacher_forcing_in_chunks_equals_step_by_step(tiny, artifacts):
+    """The MIL interpreter teacher-forces a text in the package's prompt chunks (its last-position slice passing
+    every position on, the last chunk padded): the logits a prefill and a decode step per token give, up to
+    summation order."""
+    bundles, _ = load_bundles(artifacts, tiny.weights.slug, ["coreml"], tiny.weights.weight_sha256)
+    runner = make_runner(RunnerSpec("coreml-mil", "fp32", "numpy"), bundles, tiny.model, max_length=256)
+    ids = tiny.tokenizer.encode("The history of computing is a story of people and machines " * 8)[:150]
+    assert covering_chunks(len(ids) - 1, runner.decoder.query_lengths)[-1] > 1  # a padded chunk, not 1-token steps
+    at_once = runner.teacher_forced(ids)
+    stepped = [runner.prefill(ids[:1]), *(runner.decode(token) for token in ids[1:-1])]
+    assert len(at_once) == len(stepped) == len(ids) - 1
+    assert max(float(np.abs(a - b).max()) for a, b in zip(at_once, stepped)) <= 1e-4
+    assert [int(a.argmax()) for a in at_once] == [int(b.argmax()) for b in stepped]
 
 
 def test_unavailable_targets_are_skipped_with_a_reason():

@@ -375,14 +375,17 @@ class MILExecutor:
             stored = self.function.inputs[name].sym_type.wrapped_type()
             self.states[name] = np.zeros(stored.get_shape(), dtype=types.nptype_from_builtin(stored.get_primitive()))
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], every_position: bool = False) -> dict[str, np.ndarray]:
+        """The function's outputs; `every_position`: with the op that keeps only the chunk's last position
+        passing every position on, so the logits are [1, chunk, vocab] (teacher forcing a text)."""
         values: dict[str, Any] = dict(self.constants)
         for name in self.input_names:
             values[name] = np.asarray(inputs[name]).astype(output_dtype(self.function.inputs[name]))
+        keep_every_position = last_position_slice(self.function) if every_position else None
         for op, function, names in self.steps:
             arguments = {key: (tuple(values[n] for n in name) if isinstance(name, tuple) else values[name])
                          for key, name in names.items()}
-            outputs = self._execute(op, function, arguments)
+            outputs = arguments["x"] if op is keep_every_position else self._execute(op, function, arguments)
             with np.errstate(over="ignore"):  # an fp16 result past 65504 is inf, as on the device
                 for var, value in zip(op.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
                     values[var.name] = np.asarray(value).astype(output_dtype(var), copy=False)
@@ -398,6 +401,19 @@ class MILExecutor:
             self.states[name] = np.asarray(arguments["value"]).astype(self.states[name].dtype)
             return self.states[name]
         return function(op, arguments)
+
+
+def last_position_slice(function: Any) -> Any:
+    """The op that cuts the final hidden states to the chunk's last position before the norm and the LM head
+    (exporters/coreml.py: `x[:, -1:]`): the last slice in the program whose input spans the chunk's symbolic
+    length and whose output is one position long. Every op after it works per position."""
+    for op in reversed(function.operations):
+        if op.op_type == "slice_by_index":
+            before, after = op.inputs["x"].shape, op.outputs[0].shape
+            if len(before) == 3 and len(after) == 3 and not isinstance(before[1], int) and after[1] == 1:
+                return op
+            break
+    raise NotImplementedError("the program has no last-position slice before its LM head")
 
 
 def is_state(var: Any) -> bool:
@@ -465,15 +481,44 @@ class MILRunner:
     def decode(self, token: int | torch.Tensor) -> torch.Tensor:
         return self._step(np.asarray([int(token)], dtype=np.int32))
 
+    def prefill_every_position(self, input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """[positions, vocab]: the logits after each prefix of `input_ids`, from the same chunks `prefill` runs,
+        with the program's last-position slice passing every position on (validation's teacher forcing)."""
+        self.reset()
+        ids = np.asarray(input_ids, dtype=np.int32).reshape(-1)
+        chunks = covering_chunks(len(ids), self.query_lengths)
+        # Positions past the text only follow it (causal attention): padding the last chunk with copies of the
+        # last token leaves every real position's logits as they are, and saves a one-token step per token.
+        padded = np.concatenate([ids, np.full(sum(chunks) - len(ids), ids[-1], dtype=np.int32)])
+        logits = [self._chunk_logits(padded[self.position:self.position + chunk], every_position=True)
+                  for chunk in chunks]
+        return np.concatenate([chunk.reshape(-1, chunk.shape[-1]) for chunk in logits])[:len(ids)]
+
     def _step(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self._chunk_logits(ids).reshape(1, -1))
+
+    def _chunk_logits(self, ids: np.ndarray, every_position: bool = False) -> np.ndarray:
         from exporters.coreml import check_room
 
         check_room(self.position, len(ids), self.max_context)
         inputs = {"input_ids": ids[None], "cache_position": np.array([self.position], np.int32)}
         with single_threaded_products(len(ids) == 1):
-            outputs = self.executor.run(inputs)
+            outputs = self.executor.run(inputs, every_position)
         self.position += len(ids)
-        return torch.from_numpy(np.asarray(outputs["logits"], dtype=np.float32).reshape(1, -1))
+        return np.asarray(outputs["logits"], dtype=np.float32)
+
+
+def covering_chunks(length: int, query_lengths: Sequence[int]) -> list[int]:
+    """Chunk sizes that cover at least `length` tokens with little padding: the one chunk that holds the rest
+    where it wastes fewer tokens than the longest chunk that fits it, else that longest chunk."""
+    chunks: list[int] = []
+    while length > 0:
+        fitting = max(size for size in query_lengths if size <= length)
+        covering = min((size for size in query_lengths if size >= length), default=None)
+        chunk = covering if covering is not None and (fitting == 1 or covering - length < fitting) else fitting
+        chunks.append(chunk)
+        length -= chunk
+    return chunks
 
 
 @contextmanager

@@ -22,8 +22,9 @@ from validation.baselines import (BaselineFiles, baseline_model_files, baseline_
                                   open_baseline_runner)
 from validation.bench import BenchJob, BenchSettings, bench_all
 from validation.compare import HELDOUT_MAX_TOKENS, compare_all, load_heldout, load_prompts, thresholds_for
-from validation.runners import (FORMAT_CHOICES, IN_MEMORY_FORMAT, REFERENCE_SPEC, BundleProblem, Host, Runner,
-                                RunnerSpec, Selection, available_specs, load_bundles, make_runner, set_thread_count)
+from validation.runners import (BACKENDS, FORMAT_CHOICES, IN_MEMORY_FORMAT, REFERENCE_SPEC, BundleProblem, Host,
+                                Runner, RunnerSpec, Selection, Skipped, available_specs, load_bundles, make_runner,
+                                set_thread_count)
 
 
 @dataclass
@@ -135,6 +136,8 @@ def run_bench(loaded: LoadedModel, artifacts_root: Path, selection: Selection = 
     baselines = list(dict.fromkeys(baselines))
     check_baselines(baselines, weights)
     specs, _, skipped, errors = prepare(loaded, artifacts_root, selection)
+    specs, untimed = timed_specs(specs, selection)
+    skipped += [asdict(entry) for entry in untimed]
     jobs = [BenchJob(spec, str(artifacts_root), weights.slug, weights.source_id, weights.weight_sha256, settings,
                      revision=weights.revision) for spec in specs]
     with baseline_model_files(weights) if baselines else contextlib.nullcontext() as files:
@@ -149,6 +152,17 @@ def run_bench(loaded: LoadedModel, artifacts_root: Path, selection: Selection = 
     report_files.save_piece(report_files.report_dir(artifacts_root, weights.slug), "bench", piece)
     failed = [row["runner"] for row in [*measured["runners"], *measured["baselines"]] if "error" in row]
     return Outcome(piece, failed, errors)
+
+
+def timed_specs(specs: Sequence[RunnerSpec], selection: Selection) -> tuple[list[RunnerSpec], list[Skipped]]:
+    """The runners bench measures, and the ones it leaves out with why: a backend whose speed means nothing
+    (the MIL interpreter) is measured only when asked for by name."""
+    asked = selection.backends or ()
+    timed, untimed = [], []
+    for spec in specs:
+        reason = BACKENDS[spec.backend].untimed_reason
+        (untimed.append(Skipped(spec.name, reason)) if reason and spec.backend not in asked else timed.append(spec))
+    return timed, untimed
 
 
 def save_timings(artifacts_root: Path, slug: str, timings: dict[str, Any]) -> None:

@@ -48,6 +48,8 @@ class Backend:
     variant_suffix: str  # manifest key of a variant = precision + suffix (torch.export programs: "-pt2")
     target_kind: str  # what `RunnerSpec.device` names for it: "device", "provider", "compute units" or "runtime"
     targets: tuple[str, ...]
+    # Why bench leaves it out unless asked for by name (`--backends`); None: bench measures it by default.
+    untimed_reason: str | None = None
 
 
 BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
@@ -57,7 +59,9 @@ BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
     Backend("torch-export", "torchscript", "-pt2", "device", TORCH_DEVICES),
     Backend("onnxruntime", "onnx", "", "provider", tuple(ONNX_PROVIDERS)),
     Backend("coreml", "coreml", "", "compute units", COREML_COMPUTE_UNITS),
-    Backend("coreml-mil", "coreml", "", "device", ("numpy",)),
+    Backend("coreml-mil", "coreml", "", "device", ("numpy",),
+            untimed_reason="an interpreter checking the Core ML program's numerics (validation); its speed says "
+                           "nothing about Core ML on a device: measured only with --backends coreml-mil"),
     # The runtimes apps embed, over the ONNX bundle folder as shipped (validation/app_runtimes.py).
     Backend("onnxruntime-genai", "onnx", "", "runtime", ("cpu",)),
     Backend("transformers-js", "onnx", "", "runtime", ("node",)),
