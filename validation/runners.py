@@ -451,7 +451,7 @@ def on_device(decoder: Any, device: str) -> Any:
 
 
 def open_onnxruntime(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
-    from exporters.onnx import OnnxDecoder
+    from validation.onnx_runtime import OnnxDecoder
     return OnnxDecoder(variant.files[0], providers=[ONNX_PROVIDERS[spec.device]], intra_op_threads=context.threads)
 
 
@@ -477,7 +477,7 @@ def open_transformers_js(variant: BundleVariant, spec: RunnerSpec, context: Open
 
 
 def onnx_weight_bytes_per_token(variant: BundleVariant) -> int:
-    from exporters.onnx import weight_bytes_per_token
+    from validation.onnx_runtime import weight_bytes_per_token
     return weight_bytes_per_token(variant.files[0])
 
 
