@@ -435,12 +435,12 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 
 
 def open_torchscript(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
-    from exporters.torchscript import TorchScriptDecoder
+    from validation.torchscript_runtime import TorchScriptDecoder
     return on_device(TorchScriptDecoder(variant.files[0]), spec.device)
 
 
 def open_torch_export(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
-    from exporters.torchscript import ExportedProgramDecoder
+    from validation.torchscript_runtime import ExportedProgramDecoder
     return on_device(ExportedProgramDecoder(variant.files[0]), spec.device)
 
 
