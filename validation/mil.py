@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from model.errors import UserError
+from validation.coreml_runtime import ChunkedStatefulDecoder, package_metadata
 
 Value = Any  # np.ndarray, or a tuple of them for ops with several outputs
 OpFunction = Callable[[Any, dict[str, Any]], Value]
@@ -431,49 +432,22 @@ def load_program(path: Path) -> tuple[Any, Any]:
     return spec, program
 
 
-class MILRunner:
-    """The exported decoder, executed from its saved MIL program: `prefill(ids) -> logits`,
-    `decode(token) -> logits` (float32 [1, vocab]), `reset()`; the KV cache states live inside.
-
-    A prompt goes in chunks of the package's enumerated query lengths, longest first (600 = 512 + 64 + 24 × 1).
-    """
+class MILRunner(ChunkedStatefulDecoder):
+    """The exported decoder, executed from its saved MIL program by `ChunkedStatefulDecoder`'s loop, the one
+    the Core ML runtime runs; the KV cache states live in the executor."""
 
     def __init__(self, path: Path) -> None:
-        from exporters.coreml import package_metadata
-
         spec, program = load_program(Path(path))
         self.executor = MILExecutor(program.functions["main"])
         metadata = package_metadata(Path(path))
-        self.max_context = int(metadata["max_context"])
-        self.query_lengths = enumerated_lengths(spec)
-        self.position = 0
+        super().__init__(int(metadata["max_context"]), enumerated_lengths(spec))
 
-    def reset(self) -> None:
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with single_threaded_products(inputs["input_ids"].shape[1] == 1):
+            return self.executor.run(inputs)
+
+    def reset_state(self) -> None:
         self.executor.reset()
-        self.position = 0
-
-    def prefill(self, input_ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
-        from exporters.coreml import prompt_chunks
-
-        self.reset()
-        ids = np.asarray(input_ids, dtype=np.int32).reshape(-1)
-        logits = None
-        for chunk in prompt_chunks(len(ids), self.query_lengths):
-            logits = self._step(ids[self.position:self.position + chunk])
-        return logits
-
-    def decode(self, token: int | torch.Tensor) -> torch.Tensor:
-        return self._step(np.asarray([int(token)], dtype=np.int32))
-
-    def _step(self, ids: np.ndarray) -> torch.Tensor:
-        from exporters.coreml import check_room
-
-        check_room(self.position, len(ids), self.max_context)
-        inputs = {"input_ids": ids[None], "cache_position": np.array([self.position], np.int32)}
-        with single_threaded_products(len(ids) == 1):
-            outputs = self.executor.run(inputs)
-        self.position += len(ids)
-        return torch.from_numpy(np.asarray(outputs["logits"], dtype=np.float32).reshape(1, -1))
 
 
 @contextmanager

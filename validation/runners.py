@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from exporters.artifact import Bundle, BundleVariant, load_bundle
-from exporters.coreml import COMPUTE_UNITS as COREML_COMPUTE_UNITS
 from exporters.registry import FORMATS
 from model.errors import UserError
 from model.gemma3 import Gemma3Model
 from validation.app_runtimes import genai_unavailable_reason, transformers_js_unavailable_reason
+from validation.coreml_runtime import COMPUTE_UNITS as COREML_COMPUTE_UNITS
 
 TORCH_DEVICES = ("cpu", "cuda", "mps")
 # ONNX Runtime execution providers by their short names (the CLI takes either form).
@@ -456,7 +456,7 @@ def open_onnxruntime(variant: BundleVariant, spec: RunnerSpec, context: OpenCont
 
 
 def open_coreml(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
-    from exporters.coreml import CoreMLRuntimeDecoder
+    from validation.coreml_runtime import CoreMLRuntimeDecoder
     return CoreMLRuntimeDecoder(variant.files[0], compute_units=spec.device)
 
 
