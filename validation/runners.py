@@ -320,7 +320,7 @@ class Runner:
         every position's logits (`prefill_every_position`), else a prefill and a decode step per token."""
         every_position = getattr(self.decoder, "prefill_every_position", None)
         if every_position is None:
-            return [self.prefill(ids[:1]), *(self.decode(token) for token in ids[1:-1])]
+            return teacher_forced_logits(self, ids[:1], ids[1:])
         context = ids[:-1]
         if not 0 < len(context) <= self.context_tokens:
             raise UserError(f"{self.name} takes texts of 1..{self.context_tokens} tokens, got {len(context)}",
@@ -338,6 +338,14 @@ class Runner:
             logits = logits.detach().float().cpu().numpy()
         # Decoders answer [1, vocab] or [1, 1, vocab]; the last row is the last token's.
         return np.asarray(logits, dtype=np.float32).reshape(-1, self.vocab_size)[-1]
+
+
+def teacher_forced_logits(runner: Runner, prompt_ids: Sequence[int], forced_tokens: Sequence[int]) -> list[np.ndarray]:
+    """The runner's logits at every step when it is fed the reference's tokens instead of its own."""
+    logits = [runner.prefill(prompt_ids)]
+    for token in forced_tokens[:-1]:
+        logits.append(runner.decode(token))
+    return logits
 
 
 class GeneratorDecoder:
