@@ -1,7 +1,7 @@
 """Issue-6 benchmark: ONNX Runtime decode/prefill of exported files, side by side in one process, interleaved.
 
 Each `--variant label=path[,loop=plain|decoder][,threads=N]` is one ONNX file driven by one loop:
-`decoder` is `exporters.onnx.OnnxDecoder` as it is now, `plain` the original session.run loop (numpy in and
+`decoder` is `validation.onnx_runtime.OnnxDecoder` as it is now, `plain` the original session.run loop (numpy in and
 out, the present copied back as the past) kept here for before/after runs. Every repeat measures every variant
 once, in turn, so load from other jobs on the machine hits them alike; the table has medians and the ratio of
 each variant to the first.
@@ -24,8 +24,8 @@ import click
 import numpy as np
 import onnxruntime as ort
 
-from exporters.onnx import OnnxDecoder, session_options
 from validation.bench import FIRST_ORDINARY_TOKEN
+from validation.onnx_runtime import OnnxDecoder, session_options
 
 
 class PlainLoop:

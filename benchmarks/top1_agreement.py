@@ -19,10 +19,10 @@ from pathlib import Path
 
 import click
 
-from exporters.onnx import OnnxDecoder, weight_bytes_per_token
 from model.loading import load
 from validation.baselines import LLAMA_CPP, open_baseline
 from validation.compare import compare_prompt, load_prompts, reference_runs, summarize
+from validation.onnx_runtime import OnnxDecoder, weight_bytes_per_token
 from validation.runners import REFERENCE_SPEC, Runner, RunnerSpec, load_bundles, make_runner
 
 

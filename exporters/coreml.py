@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import gc
 import math
-import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,7 +71,6 @@ FP16_SMALLEST_NORMAL = 2.0 ** -14
 # float ones: 32, the size of most GGUF blocks (a source's own 16-weight blocks stay as they are).
 GRID_BLOCK_SIZE = 32
 GEMMA_LICENSE = "Gemma Terms of Use: https://ai.google.dev/gemma/terms"
-COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 
 class PeakScaledRMSNorm(nn.Module):
     """Gemma's RMSNorm, fp16-safe: x is divided by its max |x| first, so squares stay ≤ 1.
@@ -429,71 +427,3 @@ def package_io(config: Gemma3Config, state_names: list[str], state_shape: tuple[
     return {"inputs": [tensor_spec("input_ids", "int32", [1, seq]), tensor_spec("cache_position", "int32", [1])],
             "outputs": [tensor_spec("logits", "float32", [1, 1, config.vocab_size])],
             "states": [tensor_spec(name, "float16", list(state_shape)) for name in state_names]}
-
-
-def package_metadata(path: Path) -> dict[str, str]:
-    """The options the exporter stored in the package (max_context, query_lengths, ...)."""
-    import coremltools as ct
-
-    spec = ct.utils.load_spec(str(path))
-    return dict(spec.description.metadata.userDefined)
-
-
-class CoreMLRuntimeDecoder:
-    """The real Core ML runtime (macOS only): `prefill(ids) -> logits`, `decode(token) -> logits`, `reset()`,
-    float32 [1, vocab]; the KV cache lives in the model's state. A prompt goes in chunks of the package's
-    query lengths, longest first."""
-
-    def __init__(self, path: Path, compute_units: str = "CPU_AND_NE") -> None:
-        if platform.system() != "Darwin":
-            raise UserError("Core ML prediction needs macOS; use the MIL runner",
-                            "validate with validation.mil.MILRunner on this machine")
-        if compute_units not in COMPUTE_UNITS:
-            raise UserError(f"unknown compute units {compute_units!r}", f"use one of: {', '.join(COMPUTE_UNITS)}")
-        import coremltools as ct
-
-        metadata = package_metadata(Path(path))
-        self.max_context = int(metadata["max_context"])
-        self.query_lengths = sorted(int(n) for n in metadata["query_lengths"].strip("[]").split(","))
-        self.mlmodel = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
-        self.reset()
-
-    def reset(self) -> None:
-        self.state = self.mlmodel.make_state()
-        self.position = 0
-
-    def prefill(self, input_ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
-        self.reset()
-        ids = np.asarray(input_ids, dtype=np.int32).reshape(-1)
-        logits = None
-        for chunk in prompt_chunks(len(ids), self.query_lengths):
-            logits = self._step(ids[self.position:self.position + chunk])
-        return logits
-
-    def decode(self, token: int | torch.Tensor) -> torch.Tensor:
-        return self._step(np.asarray([int(token)], dtype=np.int32))
-
-    def _step(self, ids: np.ndarray) -> torch.Tensor:
-        check_room(self.position, len(ids), self.max_context)
-        outputs = self.mlmodel.predict({"input_ids": ids[None], "cache_position": np.array([self.position], np.int32)},
-                                       state=self.state)
-        self.position += len(ids)
-        return torch.from_numpy(np.asarray(outputs["logits"], dtype=np.float32).reshape(1, -1))
-
-
-def prompt_chunks(length: int, query_lengths: Sequence[int]) -> list[int]:
-    """Chunk sizes that cover `length` tokens exactly, longest allowed size first (1 is always allowed)."""
-    if length < 1:
-        raise UserError("the prompt is empty", "pass at least one token")
-    chunks = []
-    for size in sorted(query_lengths, reverse=True):
-        while length >= size:
-            chunks.append(size)
-            length -= size
-    return chunks
-
-
-def check_room(position: int, new_tokens: int, max_context: int) -> None:
-    if position + new_tokens > max_context:
-        raise UserError(f"{position + new_tokens} tokens exceed the package's max_context of {max_context}",
-                        "shorten the prompt, generate fewer tokens or export with a larger max_context")

@@ -1,5 +1,6 @@
 """TorchScript (`model.pt`, `torch.jit.trace`) and torch.export (`model.pt2`) exports of the explicit-cache
-decoder, plus the small runners that drive either file the way any consumer would.
+decoder, and the two loaders that read either file back (the export's verification and
+`validation/torchscript_runtime.py`, the loop that drives them, use both).
 
 Both files compute `Gemma3Model.forward_with_past` with the Hugging Face I/O of `exporters.signature`, as
 flat positional tensors: `input_ids, attention_mask, position_ids, past_key_values.0.key, .0.value, ...` in,
@@ -67,7 +68,7 @@ def export_torchscript(model: Gemma3Model, out_dir: Path, precision: str = "fp32
     report(progress, f"save {path.name}")
     torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: metadata_json(decoder.model, precision)})
     report(progress, f"verify {path.name}")
-    verify(decoder, TorchScriptDecoder.load(path)[0], precision)
+    verify(decoder, load_torchscript(path)[0], precision)
     options = {"method": "torch.jit.trace", "example_shapes": EXAMPLE_SHAPES, "check_trace": False,
                "torch_version": torch.__version__}
     return variant(decoder.model.config, precision, path.name, options)
@@ -86,7 +87,7 @@ def export_exported_program(model: Gemma3Model, out_dir: Path, precision: str = 
     report(progress, f"save {path.name}")
     torch.export.save(program, str(path), extra_files={METADATA_FILE: metadata_json(decoder.model, precision)})
     report(progress, f"verify {path.name}")
-    verify(decoder, ExportedProgramDecoder.load(path)[0], precision)
+    verify(decoder, load_exported_program(path)[0], precision)
     options = {"method": "torch.export.export", "example_shapes": EXAMPLE_SHAPES, "strict": False,
                "backed_size_oblivious": True, "dynamic_dims": ["batch", "seq", "past"],
                "torch_version": torch.__version__}
@@ -165,87 +166,15 @@ def verify(decoder: ExplicitCacheDecoder, exported: Callable[..., tuple[torch.Te
             raise RuntimeError(f"exported decoder differs from PyTorch by {difference} for inputs {shapes}")
 
 
-class ExplicitCacheRunner:
-    """Drives an exported explicit-cache decoder: `prefill(ids) -> logits`, `decode(token) -> logits`
-    ([batch, vocab] float32 of the last position); the past, attention mask and positions live inside."""
-
-    def __init__(self, path: Path) -> None:
-        self.forward, metadata = self.load(Path(path))
-        self.metadata = json.loads(metadata)
-        self.reset()
-
-    @staticmethod
-    def load(path: Path) -> tuple[Callable[..., tuple[torch.Tensor, ...]], str]:
-        """(the decoder's forward, its decoder.json)."""
-        raise NotImplementedError
-
-    def reset(self) -> None:
-        self.past: list[torch.Tensor] = []
-        self.attention_mask = torch.zeros(0, 0, dtype=torch.long)
-        self.next_positions = torch.zeros(0, dtype=torch.long)
-
-    def empty_past(self, batch: int) -> list[torch.Tensor]:
-        meta = self.metadata
-        shape = (batch, meta["num_kv_heads"], 0, meta["head_dim"])
-        return [torch.zeros(shape, dtype=getattr(torch, meta["kv_dtype"])) for _ in range(2 * meta["num_layers"])]
-
-    def prefill(self, input_ids: torch.Tensor | list[int], attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """Start a new sequence: ids [batch, seq] (or one list), left-padded where attention_mask is 0."""
-        return self.prefill_every_position(input_ids, attention_mask)[:, -1]
-
-    def prefill_every_position(self, input_ids: torch.Tensor | list[int], attention_mask: torch.Tensor | None = None
-                               ) -> torch.Tensor:
-        """`prefill`, answering every position's logits [batch, seq, vocab]: a text teacher-forced in one call."""
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-        input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        self.past = self.empty_past(input_ids.shape[0])
-        self.attention_mask = mask[:, :0]
-        # HF's rule: a token's position is the number of real tokens before it (padding gets 0, it is masked).
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self._step(input_ids, mask, position_ids)
-
-    def decode(self, token: torch.Tensor | int) -> torch.Tensor:
-        """Feed one token per row ([batch]) → logits for the next one."""
-        input_ids = torch.as_tensor(token, dtype=torch.long).reshape(-1, 1)
-        return self._step(input_ids, torch.ones_like(input_ids), self.next_positions[:, None])[:, -1]
-
-    def greedy(self, input_ids: torch.Tensor | list[int], max_new_tokens: int,
-               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The file's own generate loop: new tokens [batch, max_new_tokens] and each step's logits."""
-        step_logits = [self.prefill(input_ids, attention_mask)]
-        tokens = [step_logits[-1].argmax(-1)]
-        while len(tokens) < max_new_tokens:
-            step_logits.append(self.decode(tokens[-1]))
-            tokens.append(step_logits[-1].argmax(-1))
-        return torch.stack(tokens, dim=1), step_logits
-
-    def _step(self, input_ids: torch.Tensor, new_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        self.attention_mask = torch.cat([self.attention_mask, new_mask], dim=1)
-        with torch.no_grad():
-            outputs = self.forward(input_ids, self.attention_mask, position_ids, *self.past)
-        self.past = list(outputs[1:])
-        self.next_positions = position_ids[:, -1] + 1
-        return outputs[0].float()
+def load_torchscript(path: Path) -> tuple[Callable[..., tuple[torch.Tensor, ...]], str]:
+    """The saved TorchScript decoder's forward and its decoder.json."""
+    extra_files = {METADATA_FILE: ""}
+    module = torch.jit.load(str(path), _extra_files=extra_files)
+    return module.eval(), extra_files[METADATA_FILE]
 
 
-class TorchScriptDecoder(ExplicitCacheRunner):
-    @staticmethod
-    def load(path: Path) -> tuple[Callable[..., tuple[torch.Tensor, ...]], str]:
-        extra_files = {METADATA_FILE: ""}
-        module = torch.jit.load(str(path), _extra_files=extra_files)
-        return module.eval(), extra_files[METADATA_FILE]
-
-
-class ExportedProgramDecoder(ExplicitCacheRunner):
-    @staticmethod
-    def load(path: Path) -> tuple[Callable[..., tuple[torch.Tensor, ...]], str]:
-        extra_files = {METADATA_FILE: ""}
-        program = torch.export.load(str(path), extra_files=extra_files)
-        return program.module(), extra_files[METADATA_FILE]
-
-
-def open_decoder(path: Path) -> ExplicitCacheRunner:
-    """The runner for either file, chosen by its suffix (`.pt2` is torch.export, anything else TorchScript)."""
-    return ExportedProgramDecoder(path) if Path(path).suffix == ".pt2" else TorchScriptDecoder(path)
+def load_exported_program(path: Path) -> tuple[Callable[..., tuple[torch.Tensor, ...]], str]:
+    """The saved torch.export program's forward and its decoder.json."""
+    extra_files = {METADATA_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra_files)
+    return program.module(), extra_files[METADATA_FILE]

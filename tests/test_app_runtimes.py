@@ -17,6 +17,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import gemma_export, real_bundle_path
@@ -118,6 +119,30 @@ def test_transformers_js_greedy_tokens_equal_pytorch(tiny_bundle, tiny, tiny_pro
     try:
         for ids in tiny_prompts:
             assert decoder.generate(ids, NEW_TOKENS) == reference_tokens(tiny, ids)
+    finally:
+        decoder.close()
+
+
+def teacher_forcing_matches_step_by_step(decoder, ids: list[int], vocab_size: int) -> None:
+    """One prefill's every-position logits (validation's teacher forcing) equal a prefill and a decode step per
+    token, up to summation order."""
+    at_once = decoder.prefill_every_position(np.asarray([ids[:-1]]))
+    stepped = [decoder.prefill(np.asarray([ids[:1]])), *(decoder.decode(np.asarray([[token]])) for token in ids[1:-1])]
+    assert at_once.shape == (len(ids) - 1, vocab_size)
+    assert max(float(np.abs(row - np.asarray(step).reshape(-1)).max()) for row, step in zip(at_once, stepped)) <= 1e-4
+
+
+@needs_genai
+def test_onnxruntime_genai_teacher_forces_in_one_prefill(tiny_bundle, tiny, tiny_prompts):
+    decoder = app_runtimes.GenaiDecoder(tiny_bundle, "onnx/model.onnx")
+    teacher_forcing_matches_step_by_step(decoder, max(tiny_prompts, key=len), tiny.model.config.vocab_size)
+
+
+@needs_node
+def test_transformers_js_teacher_forces_in_one_prefill(tiny_bundle, tiny, tiny_prompts):
+    decoder = app_runtimes.TransformersJsDecoder(tiny_bundle, "fp32")
+    try:
+        teacher_forcing_matches_step_by_step(decoder, max(tiny_prompts, key=len), tiny.model.config.vocab_size)
     finally:
         decoder.close()
 

@@ -16,7 +16,7 @@ import torch
 from conftest import gguf_writer, real_bundle_path
 from exporters.coreml import export_many as coreml_export_many
 from exporters.coreml_grids import grids_by_weight
-from exporters.onnx import MODEL_FILES, OnnxDecoder, export_many
+from exporters.onnx import MODEL_FILES, export_many
 from exporters.weight_grids import model_grids
 from model.block_grids import (GGUF_BLOCK_TYPES, BlockGrid, grid_from_gguf_blocks, least_squares_clipped,
                                round_to_nearest, stacked)
@@ -25,6 +25,7 @@ from model.errors import UserError
 from model.loading import build_model
 from model.weights import EMBEDDING, GGUF_NAMES, load_weights, parameter_shapes, source_block_grids, source_names
 from validation.mil import MILExecutor, load_program
+from validation.onnx_runtime import OnnxDecoder
 
 gguf = pytest.importorskip("gguf")
 

@@ -24,6 +24,7 @@ from model.errors import UserError
 from model.generate import generate
 from model.weights import source_block_grids
 from validation.compare import greedy_and_forced, matching_prefix
+from validation.coreml_runtime import CoreMLRuntimeDecoder, covering_chunks, prompt_chunks
 from validation.mil import MILRunner
 
 STEPS = 64
@@ -239,12 +240,21 @@ def test_runtime_decoder_needs_macos(tiny_packages):
     if platform.system() == "Darwin":
         pytest.skip("on macOS the runtime decoder works (tests/test_coreml_macos.py)")
     with pytest.raises(UserError, match="Core ML prediction needs macOS; use the MIL runner"):
-        coreml.CoreMLRuntimeDecoder(tiny_packages["fp16"])
+        CoreMLRuntimeDecoder(tiny_packages["fp16"])
 
 
 def test_prompt_chunks_cover_the_prompt():
-    assert coreml.prompt_chunks(600, (1, 64, 512)) == [512, 64] + [1] * 24
-    assert coreml.prompt_chunks(3, (1, 64, 512)) == [1, 1, 1]
+    assert prompt_chunks(600, (1, 64, 512)) == [512, 64] + [1] * 24
+    assert prompt_chunks(3, (1, 64, 512)) == [1, 1, 1]
+
+
+def test_covering_chunks_pad_the_rest_instead_of_one_token_steps():
+    """Teacher forcing may pad past the text (causal): the rest goes in one chunk where that wastes fewer tokens
+    than the longest chunk that fits it."""
+    assert covering_chunks(511, (1, 64, 512)) == [512]
+    assert covering_chunks(600, (1, 64, 512)) == [512, 64, 64]
+    assert covering_chunks(130, (1, 64, 512)) == [64, 64, 64]
+    assert covering_chunks(3, (1,)) == [1, 1, 1]
 
 
 # --- real Gemma 3 270M -------------------------------------------------------------------------------------

@@ -18,12 +18,13 @@ import torch  # noqa: E402
 
 from exporters import coreml  # noqa: E402
 from model.generate import generate  # noqa: E402
+from validation.coreml_runtime import COMPUTE_UNITS, CoreMLRuntimeDecoder  # noqa: E402
 
 STEPS = 64
 TINY_OPTIONS = {"max_context": 128, "query_lengths": (1, 4, 16)}
 
 
-def run_against(decoder: coreml.CoreMLRuntimeDecoder, prompt: list[int], reference) -> dict[str, float]:
+def run_against(decoder: CoreMLRuntimeDecoder, prompt: list[int], reference) -> dict[str, float]:
     logits = [decoder.prefill(prompt)]
     tokens = [int(logits[-1].argmax())]
     while len(tokens) < STEPS:
@@ -50,13 +51,13 @@ def tiny_case(tiny):
     return prompt, generate(tiny.model, prompt, STEPS, stop_token_ids=[], return_logits=True)
 
 
-@pytest.mark.parametrize("compute_units", coreml.COMPUTE_UNITS)
+@pytest.mark.parametrize("compute_units", COMPUTE_UNITS)
 def test_tiny_runtime(compute_units, tiny_packages, tiny_case):
     prompt, reference = tiny_case
-    fp32 = run_against(coreml.CoreMLRuntimeDecoder(tiny_packages["fp32"], "CPU_ONLY"), prompt, reference)
+    fp32 = run_against(CoreMLRuntimeDecoder(tiny_packages["fp32"], "CPU_ONLY"), prompt, reference)
     print(f"\n[tiny fp32 CPU_ONLY] {fp32}")
     assert fp32["matching_prefix"] == STEPS and fp32["max_dlogit"] <= 1e-3
-    fp16 = run_against(coreml.CoreMLRuntimeDecoder(tiny_packages["fp16"], compute_units), prompt, reference)
+    fp16 = run_against(CoreMLRuntimeDecoder(tiny_packages["fp16"], compute_units), prompt, reference)
     print(f"\n[tiny fp16 {compute_units}] {fp16}")
     assert fp16["finite"] and fp16["agreement"] >= 0.95
 
@@ -68,15 +69,15 @@ def real_packages(real, tmp_path_factory):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("compute_units", coreml.COMPUTE_UNITS)
+@pytest.mark.parametrize("compute_units", COMPUTE_UNITS)
 def test_real_runtime(compute_units, real, real_packages, real_long_prompt_ids):
     reference = generate(real.model, real_long_prompt_ids, STEPS, stop_token_ids=[], return_logits=True)
-    fp16 = run_against(coreml.CoreMLRuntimeDecoder(real_packages["fp16"], compute_units), real_long_prompt_ids,
+    fp16 = run_against(CoreMLRuntimeDecoder(real_packages["fp16"], compute_units), real_long_prompt_ids,
                        reference)
     print(f"\n[real fp16 {compute_units}] {fp16}")
     assert fp16["finite"] and fp16["agreement"] >= 0.99 and fp16["matching_prefix"] >= 16
     if compute_units == "CPU_ONLY":
-        fp32 = run_against(coreml.CoreMLRuntimeDecoder(real_packages["fp32"], compute_units), real_long_prompt_ids,
+        fp32 = run_against(CoreMLRuntimeDecoder(real_packages["fp32"], compute_units), real_long_prompt_ids,
                            reference)
         print(f"\n[real fp32 CPU_ONLY] {fp32}")
         assert fp32["matching_prefix"] == STEPS and fp32["max_dlogit"] <= 5e-3

@@ -1,5 +1,6 @@
-"""ONNX export (`exporters/onnx.py`): every precision, driven by `OnnxDecoder`'s own loop, against PyTorch; the
-file from a plain onnxruntime script; left-padded batches; sliding windows far past the window; Optimum."""
+"""ONNX export (`exporters/onnx.py`): every precision, driven by `OnnxDecoder`'s own loop
+(`validation/onnx_runtime.py`), against PyTorch; the file from a plain onnxruntime script; left-padded batches;
+sliding windows far past the window; Optimum."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import pytest
 import torch
 
 from conftest import real_bundle_path
-from exporters.onnx import (MODEL_FILES, OPTIMUM_AXES, FullPastBuffer, OnnxDecoder, export, export_many,
-                            weight_bytes_per_token)
+from exporters.onnx import MODEL_FILES, OPTIMUM_AXES, export, export_many
+from validation.onnx_runtime import FullPastBuffer, OnnxDecoder, weight_bytes_per_token
 from exporters.onnx_quantize import BLOCK_SIZE, quantized_graph
 from exporters.weight_grids import FLOAT_QUANTIZER, FLOAT_QUANTIZERS
 from exporters.signature import decoder_io

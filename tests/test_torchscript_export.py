@@ -14,9 +14,10 @@ import torch
 
 from conftest import real_bundle_path
 from exporters.signature import decoder_io
-from exporters.torchscript import export, open_decoder
+from exporters.torchscript import export
 from model.errors import UserError
 from model.generate import generate
+from validation.torchscript_runtime import open_decoder
 
 LOGIT_TOLERANCE = 1e-3
 # Against the eager model in the same dtype, whose ring cache sums attention in another order: measured 0.0098

@@ -28,11 +28,11 @@ from model.errors import UserError
 from validation import report as report_module
 from validation.bench import BenchSettings
 from validation.compare import (THRESHOLDS, Prompt, Thresholds, compare_all, crashed_result, failures,
-                                greedy_and_forced, greedy_run, load_prompts, matching_prefix, step_metrics, teacher_forced_logits, thresholds_for)
+                                greedy_and_forced, greedy_run, load_prompts, matching_prefix, step_metrics, thresholds_for)
 from validation.report import save_piece
-from validation.mil import covering_chunks
+from validation.coreml_runtime import covering_chunks
 from validation.runners import (BACKENDS, REFERENCE_SPEC, Host, Runner, RunnerSpec, Selection, available_specs,
-                                load_bundles, make_runner, unavailable_reason)
+                                load_bundles, make_runner, teacher_forced_logits, unavailable_reason)
 from validation.pipeline import run_bench, run_validation, write_report
 
 REPO = Path(__file__).resolve().parents[1]

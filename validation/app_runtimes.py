@@ -77,6 +77,12 @@ class GenaiDecoder:
         self.generator.append_tokens(np.asarray(token, dtype=np.int32).reshape(1, 1))
         return self.generator.get_logits()[:, -1]
 
+    def prefill_every_position(self, ids: np.ndarray) -> np.ndarray:
+        """[positions, vocab]: the prefill's logits at every position, the model's `logits` output as genai's
+        generator holds it after appending the prompt (validation's teacher forcing)."""
+        self.prefill(ids)
+        return self.generator.get_output("logits")[0]
+
     def reset(self) -> None:
         self.generator = None
 
@@ -186,6 +192,15 @@ class TransformersJsDecoder:
 
     def decode(self, token: np.ndarray) -> np.ndarray:
         return self._logits({"op": "decode", "token": int(np.asarray(token).reshape(-1)[0])})
+
+    def prefill_every_position(self, ids: np.ndarray) -> np.ndarray:
+        """[positions, vocab]: the prefill's logits at every position (validation's teacher forcing); node writes
+        them to a file, too large for one line of the pipe."""
+        with tempfile.TemporaryDirectory(prefix="gemma-transformers-js-") as folder:
+            path = Path(folder) / "logits.f32"
+            reply = self._ask({"op": "prefill_every_position", "ids": [int(token) for token in np.asarray(ids).reshape(-1)],
+                               "path": str(path)})
+            return np.fromfile(path, dtype=np.float32).reshape(reply["positions"], -1)
 
     def reset(self) -> None:
         """Nothing to drop: the next prefill starts a new sequence."""

@@ -30,7 +30,7 @@ from model.config import PRESETS, Gemma3Config
 from model.errors import UserError
 from model.interrupts import raise_if_interrupted
 from model.tokenizer import GemmaTokenizer
-from validation.runners import Runner
+from validation.runners import Runner, teacher_forced_logits
 
 PROMPTS_FILE = Path(__file__).with_name("prompts.json")
 HELDOUT_FILE = Path(__file__).with_name("heldout.txt")
@@ -138,14 +138,6 @@ def greedy_run(runner: Runner, prompt_ids: Sequence[int], steps: int) -> tuple[l
         logits.append(runner.decode(tokens[-1]))
         tokens.append(int(logits[-1].argmax()))
     return tokens, logits
-
-
-def teacher_forced_logits(runner: Runner, prompt_ids: Sequence[int], forced_tokens: Sequence[int]) -> list[np.ndarray]:
-    """The runner's logits at every step when it is fed the reference's tokens instead of its own."""
-    logits = [runner.prefill(prompt_ids)]
-    for token in forced_tokens[:-1]:
-        logits.append(runner.decode(token))
-    return logits
 
 
 def greedy_and_forced(runner: Runner, prompt_ids: Sequence[int],

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from model.errors import UserError
+from validation.coreml_runtime import ChunkedStatefulDecoder, covering_chunks, package_metadata
 
 Value = Any  # np.ndarray, or a tuple of them for ops with several outputs
 OpFunction = Callable[[Any, dict[str, Any]], Value]
@@ -447,78 +448,40 @@ def load_program(path: Path) -> tuple[Any, Any]:
     return spec, program
 
 
-class MILRunner:
-    """The exported decoder, executed from its saved MIL program: `prefill(ids) -> logits`,
-    `decode(token) -> logits` (float32 [1, vocab]), `reset()`; the KV cache states live inside.
-
-    A prompt goes in chunks of the package's enumerated query lengths, longest first (600 = 512 + 64 + 24 × 1).
-    """
+class MILRunner(ChunkedStatefulDecoder):
+    """The exported decoder, executed from its saved MIL program by `ChunkedStatefulDecoder`'s loop, the one
+    the Core ML runtime runs; the KV cache states live in the executor."""
 
     def __init__(self, path: Path) -> None:
-        from exporters.coreml import package_metadata
-
         spec, program = load_program(Path(path))
         self.executor = MILExecutor(program.functions["main"])
+        self.every_position = False  # set while `prefill_every_position` runs its chunks
         metadata = package_metadata(Path(path))
-        self.max_context = int(metadata["max_context"])
-        self.query_lengths = enumerated_lengths(spec)
-        self.position = 0
+        super().__init__(int(metadata["max_context"]), enumerated_lengths(spec))
 
-    def reset(self) -> None:
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with single_threaded_products(inputs["input_ids"].shape[1] == 1):
+            return self.executor.run(inputs, self.every_position)
+
+    def reset_state(self) -> None:
         self.executor.reset()
-        self.position = 0
-
-    def prefill(self, input_ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
-        from exporters.coreml import prompt_chunks
-
-        self.reset()
-        ids = np.asarray(input_ids, dtype=np.int32).reshape(-1)
-        logits = None
-        for chunk in prompt_chunks(len(ids), self.query_lengths):
-            logits = self._step(ids[self.position:self.position + chunk])
-        return logits
-
-    def decode(self, token: int | torch.Tensor) -> torch.Tensor:
-        return self._step(np.asarray([int(token)], dtype=np.int32))
 
     def prefill_every_position(self, input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """[positions, vocab]: the logits after each prefix of `input_ids`, from the same chunks `prefill` runs,
-        with the program's last-position slice passing every position on (validation's teacher forcing)."""
+        """[positions, vocab]: the logits after each prefix of `input_ids`, from prompt chunks as `prefill` runs
+        them, with the program's last-position slice passing every position on (validation's teacher forcing)."""
         self.reset()
         ids = np.asarray(input_ids, dtype=np.int32).reshape(-1)
         chunks = covering_chunks(len(ids), self.query_lengths)
         # Positions past the text only follow it (causal attention): padding the last chunk with copies of the
         # last token leaves every real position's logits as they are, and saves a one-token step per token.
         padded = np.concatenate([ids, np.full(sum(chunks) - len(ids), ids[-1], dtype=np.int32)])
-        logits = [self._chunk_logits(padded[self.position:self.position + chunk], every_position=True)
-                  for chunk in chunks]
-        return np.concatenate([chunk.reshape(-1, chunk.shape[-1]) for chunk in logits])[:len(ids)]
-
-    def _step(self, ids: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self._chunk_logits(ids).reshape(1, -1))
-
-    def _chunk_logits(self, ids: np.ndarray, every_position: bool = False) -> np.ndarray:
-        from exporters.coreml import check_room
-
-        check_room(self.position, len(ids), self.max_context)
-        inputs = {"input_ids": ids[None], "cache_position": np.array([self.position], np.int32)}
-        with single_threaded_products(len(ids) == 1):
-            outputs = self.executor.run(inputs, every_position)
-        self.position += len(ids)
-        return np.asarray(outputs["logits"], dtype=np.float32)
-
-
-def covering_chunks(length: int, query_lengths: Sequence[int]) -> list[int]:
-    """Chunk sizes that cover at least `length` tokens with little padding: the one chunk that holds the rest
-    where it wastes fewer tokens than the longest chunk that fits it, else that longest chunk."""
-    chunks: list[int] = []
-    while length > 0:
-        fitting = max(size for size in query_lengths if size <= length)
-        covering = min((size for size in query_lengths if size >= length), default=None)
-        chunk = covering if covering is not None and (fitting == 1 or covering - length < fitting) else fitting
-        chunks.append(chunk)
-        length -= chunk
-    return chunks
+        self.every_position = True
+        try:
+            logits = [self._step(padded[self.position:self.position + chunk]).numpy().reshape(chunk, -1)
+                      for chunk in chunks]
+        finally:
+            self.every_position = False
+        return np.concatenate(logits)[:len(ids)]
 
 
 @contextmanager

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from exporters.artifact import Bundle, BundleVariant, load_bundle
-from exporters.coreml import COMPUTE_UNITS as COREML_COMPUTE_UNITS
 from exporters.registry import FORMATS
 from model.errors import UserError
 from model.gemma3 import Gemma3Model
 from validation.app_runtimes import genai_unavailable_reason, transformers_js_unavailable_reason
+from validation.coreml_runtime import COMPUTE_UNITS as COREML_COMPUTE_UNITS
 
 TORCH_DEVICES = ("cpu", "cuda", "mps")
 # ONNX Runtime execution providers by their short names (the CLI takes either form).
@@ -324,7 +324,7 @@ class Runner:
         every position's logits (`prefill_every_position`), else a prefill and a decode step per token."""
         every_position = getattr(self.decoder, "prefill_every_position", None)
         if every_position is None:
-            return [self.prefill(ids[:1]), *(self.decode(token) for token in ids[1:-1])]
+            return teacher_forced_logits(self, ids[:1], ids[1:])
         context = ids[:-1]
         if not 0 < len(context) <= self.context_tokens:
             raise UserError(f"{self.name} takes texts of 1..{self.context_tokens} tokens, got {len(context)}",
@@ -342,6 +342,14 @@ class Runner:
             logits = logits.detach().float().cpu().numpy()
         # Decoders answer [1, vocab] or [1, 1, vocab]; the last row is the last token's.
         return np.asarray(logits, dtype=np.float32).reshape(-1, self.vocab_size)[-1]
+
+
+def teacher_forced_logits(runner: Runner, prompt_ids: Sequence[int], forced_tokens: Sequence[int]) -> list[np.ndarray]:
+    """The runner's logits at every step when it is fed the reference's tokens instead of its own."""
+    logits = [runner.prefill(prompt_ids)]
+    for token in forced_tokens[:-1]:
+        logits.append(runner.decode(token))
+    return logits
 
 
 class GeneratorDecoder:
@@ -439,12 +447,12 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 
 
 def open_torchscript(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
-    from exporters.torchscript import TorchScriptDecoder
+    from validation.torchscript_runtime import TorchScriptDecoder
     return on_device(TorchScriptDecoder(variant.files[0]), spec.device)
 
 
 def open_torch_export(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
-    from exporters.torchscript import ExportedProgramDecoder
+    from validation.torchscript_runtime import ExportedProgramDecoder
     return on_device(ExportedProgramDecoder(variant.files[0]), spec.device)
 
 
@@ -455,12 +463,12 @@ def on_device(decoder: Any, device: str) -> Any:
 
 
 def open_onnxruntime(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
-    from exporters.onnx import OnnxDecoder
+    from validation.onnx_runtime import OnnxDecoder
     return OnnxDecoder(variant.files[0], providers=[ONNX_PROVIDERS[spec.device]], intra_op_threads=context.threads)
 
 
 def open_coreml(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
-    from exporters.coreml import CoreMLRuntimeDecoder
+    from validation.coreml_runtime import CoreMLRuntimeDecoder
     return CoreMLRuntimeDecoder(variant.files[0], compute_units=spec.device)
 
 
@@ -481,7 +489,7 @@ def open_transformers_js(variant: BundleVariant, spec: RunnerSpec, context: Open
 
 
 def onnx_weight_bytes_per_token(variant: BundleVariant) -> int:
-    from exporters.onnx import weight_bytes_per_token
+    from validation.onnx_runtime import weight_bytes_per_token
     return weight_bytes_per_token(variant.files[0])
 
 

@@ -2,10 +2,13 @@
 // (AutoModelForCausalLM.from_pretrained, local files only) and answers one JSON request per stdin line:
 //   {"op": "prefill", "ids": [...]}          → the last position's logits (a new sequence)
 //   {"op": "decode", "token": 7}             → the next logits, after the cached sequence
+//   {"op": "prefill_every_position", "ids": [...], "path": p} → every position's logits, written to the file p
+//                                              as float32 (too large for a line); answers {"positions": n}
 //   {"op": "generate", "ids": [...], "max_new_tokens": n}  → transformers.js' own greedy generate() tokens
 // Each answer is one stdout line starting with RESULT_MARK: JSON, with logits as base64 float32. Anything else
 // the library prints goes to stderr.
 // Usage: node transformers_js_runner.mjs <bundle folder> <dtype> <folder holding node_modules/@huggingface/transformers>
+import { writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import readline from 'node:readline';
@@ -31,7 +34,7 @@ function int64(values) {
     return new Tensor('int64', BigInt64Array.from(values.map(BigInt)), [1, values.length]);
 }
 
-async function step(ids) {
+async function step(ids, everyPositionPath = null) {
     mask = mask.concat(ids.map(() => 1));
     const outputs = await model({ input_ids: int64(ids), attention_mask: int64(mask), past_key_values: cache });
     const next = {};
@@ -41,6 +44,11 @@ async function step(ids) {
     cache = next;
     const { data, dims } = outputs.logits;
     const vocab = dims.at(-1);
+    if (everyPositionPath) {
+        const every = data instanceof Float32Array ? data : Float32Array.from(data);
+        await writeFile(everyPositionPath, Buffer.from(every.buffer, every.byteOffset, every.byteLength));
+        return { positions: every.length / vocab };
+    }
     const last = Float32Array.from(data.subarray(data.length - vocab));
     return { logits: Buffer.from(last.buffer).toString('base64') };
 }
@@ -52,6 +60,11 @@ async function answer(request) {
         return step(request.ids);
     }
     if (request.op === 'decode') return step([request.token]);
+    if (request.op === 'prefill_every_position') {
+        cache = null;
+        mask = [];
+        return step(request.ids, request.path);
+    }
     if (request.op === 'generate') {
         const input_ids = int64(request.ids);
         const output = await model.generate({
