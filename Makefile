@@ -12,7 +12,7 @@ OUT ?= artifacts
 PRECISION ?=
 precision_flags = $(foreach p,$(PRECISION),--precision $(p))
 
-.PHONY: setup baseline test test-fast fuzz stress generate all clean bench-generate export-torchscript export-onnx export-coreml validate bench report
+.PHONY: setup baseline check-avx2 test test-fast fuzz stress generate all clean bench-generate export-torchscript export-onnx export-coreml validate bench report
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,14 @@ LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLE
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 baseline: setup
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip install -e ".[baseline]"
+
+# The validation gate as an AVX2-only CPU computes it: the reduced-precision runners of the bundles in $(OUT)
+# judged inside qemu-user's Haswell (Debian's qemu-user 7.2+), against a reference computed natively. Numbers
+# only: emulation is 100-200x slower.
+AVX2_RUNNERS ?= --runner "onnxruntime int8 cpu" --runner "onnxruntime int4 cpu" --runner "torchscript bf16 cpu" \
+	--runner "torchscript fp16 cpu"
+check-avx2: setup
+	$(PY) benchmarks/emulated_cpu.py --model "$(MODEL)" --artifacts "$(OUT)" $(AVX2_RUNNERS)
 
 # --durations: every log (CI's too) ends with the 25 slowest tests, so where the time goes is always in view.
 test: setup

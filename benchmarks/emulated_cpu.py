@@ -11,6 +11,7 @@ The runner's row (mean KL, top-1, verdict, …) is printed as JSON and saved bes
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -63,12 +64,14 @@ def main(model_id: str, artifacts: Path, runners: tuple[str, ...], cpu: str, wor
          judge: str | None) -> None:
     loaded = load(model_id)
     set_thread_count(threads)
-    reference_path = work / "reference.npz"
+    reference_path = work / f"{loaded.weights.slug}-reference.npz"
     bundles, _ = load_bundles(artifacts, loaded.weights.slug, ["torchscript", "onnx", "coreml"],
                               loaded.weights.weight_sha256)
     if judge is not None:
         judge_runner(loaded, bundles, RunnerSpec(*judge.split()), reference_path, work, threads)
         return
+    if shutil.which("qemu-x86_64") is None:
+        raise click.UsageError("qemu-x86_64 is not installed; install Debian's qemu-user (7.2 or later emulates AVX2)")
     work.mkdir(parents=True, exist_ok=True)
     if not reference_path.exists():
         save_reference(reference_path, *native_reference(loaded, bundles))
