@@ -41,9 +41,8 @@ def main(model_id: str, out_dir: Path, precisions: tuple[str, ...], quantizers: 
     print("| quantizer | precision | " + " | ".join(GATE_COLUMNS) + " | size MB |")
     print("|---|---|" + "---:|" * (len(GATE_COLUMNS) + 1))
     for quantizer in quantizers:
-        weight_grids.FLOAT_QUANTIZER = quantizer
         root = out_dir / quantizer.replace(" ", "-")
-        export_bundle(loaded, "onnx", list(precisions), root)
+        export_bundle(loaded, "onnx", list(precisions), root, float_quantizer=quantizer)
         outcome = run_validation(loaded, root, Selection(formats=("onnx",), precisions=precisions))
         for row in outcome.piece["runners"]:
             if row["verdict"] == "reference":

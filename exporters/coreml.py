@@ -48,7 +48,7 @@ from exporters.coreml_grids import with_source_grids
 from exporters.progress import Progress, report
 from exporters.registry import FORMATS, check_precisions
 from exporters.signature import ExportedVariant, tensor_spec
-from exporters.weight_grids import QUANTIZED_BITS, model_grids
+from exporters.weight_grids import FLOAT_QUANTIZER, QUANTIZED_BITS, model_grids
 from model.block_grids import BlockGrid
 from model.config import Gemma3Config
 from model.errors import UserError
@@ -263,12 +263,13 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp16", max_conte
 def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], max_context: int | None = None,
                 query_lengths: Sequence[int] = (1, 64, 512), lm_head_chunks: int = DEFAULT_LM_HEAD_CHUNKS,
                 progress: Progress = None, deployment_target: str = "iOS18",
-                source_grids: Mapping[str, BlockGrid] | None = None) -> list[ExportedVariant]:
+                source_grids: Mapping[str, BlockGrid] | None = None,
+                float_quantizer: str = FLOAT_QUANTIZER) -> list[ExportedVariant]:
     """Each precision's package in `out_dir`, in the order asked. Trace + convert is most of an export (times in
     BENCHMARKS.md): fp16, int8 and int4 share one conversion (fp16 compute; the 8- and 4-bit packages compress
     its weights, which leaves it as it was), fp32 has its own (fp32 compute, the rounding-error cache).
     `source_grids`: a quantized source's own grids, which int8 and int4 both carry (`coreml_grids`); only the
-    weights without one are rounded."""
+    weights without one are rounded, by `float_quantizer` (exporters/weight_grids.py)."""
     config = model.config
     if max_context is None:  # 2048, or the whole context of a model that has less (tiny: 1024)
         max_context = min(DEFAULT_MAX_CONTEXT, config.context_length)
@@ -291,7 +292,7 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], ma
             mlmodel = converted
             if precision in ("int8", "int4"):
                 report(progress, "compress")
-                mlmodel = compressed(converted, model, precision, source_grids or {}, lm_head_chunks)
+                mlmodel = compressed(converted, model, precision, source_grids or {}, lm_head_chunks, float_quantizer)
             report(progress, "save")
             describe(mlmodel, config, precision, max_context, query_lengths, lm_head_chunks, state_names)
             path = Path(out_dir) / PACKAGE_NAMES[precision]
@@ -368,11 +369,11 @@ def state_types(names: list[str], shape: tuple[int, ...]) -> list[Any]:
 
 
 def compressed(converted: Any, model: Gemma3Model, precision: str, source_grids: Mapping[str, BlockGrid],
-               lm_head_chunks: int) -> Any:
+               lm_head_chunks: int, float_quantizer: str = FLOAT_QUANTIZER) -> Any:
     """Every weight matrix as its grid (exporters/weight_grids.py: the source's own, else the float weights
     rounded, the embedding at 8 bits), in blocks of at most GRID_BLOCK_SIZE."""
     bits = QUANTIZED_BITS[precision]
-    grids = model_grids(model, source_grids, bits, GRID_BLOCK_SIZE)
+    grids = model_grids(model, source_grids, bits, GRID_BLOCK_SIZE, float_quantizer)
     originals = {name: parameter.detach().float().numpy() for name, parameter in model.state_dict().items()
                  if name in grids}
     return with_source_grids(converted, grids, originals, EMBEDDING, lm_head_chunks)

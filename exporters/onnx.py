@@ -59,7 +59,7 @@ from exporters.onnx_quantize import ACCURACY_LEVEL, BLOCK_SIZE, quantized_model_
 from exporters.progress import Progress, report
 from exporters.registry import check_precisions
 from exporters.signature import ExportedVariant, decoder_io, past_names, tensor_spec
-from exporters.weight_grids import QUANTIZED_BITS, model_grids
+from exporters.weight_grids import FLOAT_QUANTIZER, QUANTIZED_BITS, model_grids
 from model.block_grids import BlockGrid
 
 ONNX_FOLDER = "onnx"
@@ -94,11 +94,13 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp32", progress:
 
 
 def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], progress: Progress = None,
-                source_grids: Mapping[str, BlockGrid] | None = None) -> list[ExportedVariant]:
+                source_grids: Mapping[str, BlockGrid] | None = None,
+                float_quantizer: str = FLOAT_QUANTIZER) -> list[ExportedVariant]:
     """Write each precision's file into `out_dir`; return their variants in the order asked. The trace
     (`torch.onnx.export`) is most of an export (times in BENCHMARKS.md): every precision is made from one traced
     float32 graph (quantized, or its weights stored in fp16). `source_grids`: the quantized source's own grids
-    (parameter name → grid), which int8 / int4 carry instead of rounding those weights again."""
+    (parameter name → grid), which int8 / int4 carry instead of rounding those weights again; `float_quantizer`
+    rounds the others (exporters/weight_grids.py)."""
     for precision in precisions:
         check_precision(precision)
     if model.embed_tokens.weight.dtype != torch.float32:
@@ -116,7 +118,7 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], pr
         if precision in QUANTIZED_BITS:
             report(progress, "quantize")
             bits = QUANTIZED_BITS[precision]
-            grids = model_grids(model, source_grids or {}, bits, BLOCK_SIZE[bits])
+            grids = model_grids(model, source_grids or {}, bits, BLOCK_SIZE[bits], float_quantizer)
             graph = quantized_model_graph(traced, model, grids)  # a new graph: `traced` stays as it was
         elif precision == "fp16":
             report(progress, "float16")

@@ -78,11 +78,13 @@ def variant_key(exported: ExportedVariant) -> str:
 
 def export_bundle(loaded: LoadedModel, fmt: str, precisions: list[str], artifacts_root: Path,
                   progress: Callable[[str], None] | None = None, wait: bool = False,
-                  format_options: dict[str, Any] | None = None, requantize: bool = False) -> Bundle:
+                  format_options: dict[str, Any] | None = None, requantize: bool = False,
+                  float_quantizer: str | None = None) -> Bundle:
     """Export `precisions` of `fmt` into artifacts_root/<slug>/<fmt>/, keeping the bundle's other verified
     variants; publish atomically (the previous bundle survives any failure or interruption). `format_options`
     are keyword arguments of that format's exporter (Core ML: max_context). `requantize`: a source tensor whose
-    GGUF type has no exact grid is rounded onto a new one instead of failing the export."""
+    GGUF type has no exact grid is rounded onto a new one instead of failing the export. `float_quantizer`: how
+    weights without a grid of their own are rounded (a name in exporters/weight_grids.py; default its choice)."""
     from exporters.artifact import BundleWriter  # imported here: artifact checks format names against FORMATS
 
     precisions = check_precisions(fmt, precisions)
@@ -90,6 +92,8 @@ def export_bundle(loaded: LoadedModel, fmt: str, precisions: list[str], artifact
     check_format_options(fmt, format_options)
     if format_info(fmt).carries_source_grids and set(precisions) & set(COMPRESSED_PRECISIONS):
         format_options["source_grids"] = source_block_grids(loaded.weights, requantize)
+        if float_quantizer is not None:
+            format_options["float_quantizer"] = float_quantizer
     exporter = importlib.import_module(format_info(fmt).module)
     weights = loaded.weights
     source = {"model_id": weights.source_id, "weight_sha256": weights.weight_sha256, "slug": weights.slug}

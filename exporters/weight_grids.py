@@ -19,10 +19,10 @@ FLOAT_QUANTIZERS = {"round-to-nearest": round_to_nearest, "least-squares clipped
 FLOAT_QUANTIZER = "least-squares clipped"
 
 
-def model_grids(model: Gemma3Model, source_grids: Mapping[str, BlockGrid], bits: int,
-                block_size: int) -> dict[str, BlockGrid]:
+def model_grids(model: Gemma3Model, source_grids: Mapping[str, BlockGrid], bits: int, block_size: int,
+                float_quantizer: str = FLOAT_QUANTIZER) -> dict[str, BlockGrid]:
     """Every weight matrix's grid, in blocks of at most `block_size` (a source's smaller blocks stay as they
-    are)."""
+    are); `float_quantizer` (a FLOAT_QUANTIZERS name) rounds the weights without a grid of their own."""
     grids = {}
     for name, parameter in model.state_dict().items():
         if parameter.dim() != 2:
@@ -32,5 +32,5 @@ def model_grids(model: Gemma3Model, source_grids: Mapping[str, BlockGrid], bits:
             grids[name] = source.with_block_size(min(source.block_size, block_size))
         else:
             grid_bits = max(bits, EMBEDDING_BITS) if name == EMBEDDING else bits
-            grids[name] = FLOAT_QUANTIZERS[FLOAT_QUANTIZER](parameter.float().numpy(), grid_bits, block_size)
+            grids[name] = FLOAT_QUANTIZERS[float_quantizer](parameter.float().numpy(), grid_bits, block_size)
     return grids

@@ -16,8 +16,9 @@ import torch
 from conftest import gguf_writer, real_bundle_path
 from exporters.coreml import export_many as coreml_export_many
 from exporters.coreml_grids import grids_by_weight
-from exporters.onnx import MODEL_FILES, export_many
-from exporters.weight_grids import model_grids
+from exporters.onnx import BLOCK_SIZE, MODEL_FILES, export_many
+from exporters.registry import export_bundle
+from exporters.weight_grids import FLOAT_QUANTIZERS, model_grids
 from model.block_grids import (GGUF_BLOCK_TYPES, BlockGrid, grid_from_gguf_blocks, least_squares_clipped,
                                round_to_nearest, stacked)
 from model.config import Gemma3Config
@@ -214,6 +215,23 @@ def test_int8_and_int4_onnx_files_hold_every_gguf_weight_exactly(mixed_gguf, tmp
         # exact weights; what is left is MatMulNBits rounding activations to int8 per block
         assert np.corrcoef(logits.ravel(), reference.ravel())[0, 1] > 0.999
         assert float(np.abs(logits - reference).max()) < 0.05 * float(np.abs(reference).max())
+
+
+@pytest.mark.parametrize("quantizer", list(FLOAT_QUANTIZERS))
+def test_the_float_quantizer_asked_for_is_the_one_the_file_holds(tiny, tmp_path, quantizer):
+    """export_bundle(float_quantizer=…) reaches the exporter (benchmarks/float_source_quantizers.py compares them
+    this way): the int4 file's weights are that quantizer's grids of the float weights, bit for bit."""
+    bundle = export_bundle(tiny, "onnx", ["int4"], tmp_path, float_quantizer=quantizer)
+    rebuilt = onnx_weights(bundle.path / "onnx" / "model_q4.onnx")
+    state = tiny.model.state_dict()
+    grids = model_grids(tiny.model, {}, 4, BLOCK_SIZE[4], quantizer)
+    assert {grid.source_type for grid in grids.values()} == {quantizer}
+    for name, weight in rebuilt.items():
+        parts = ["embed_tokens.weight"] if name == "lm_head" else [
+            f"{name.rsplit('.', 1)[0]}.{part}.weight" for part in name.rsplit(".", 1)[1].split("+")]
+        expected = np.concatenate([grids[part].weight() for part in parts])
+        assert float(np.abs(weight - expected).max()) == 0.0, name
+    assert any(float(np.abs(weight - expected_weights(state, name)).max()) > 0 for name, weight in rebuilt.items())
 
 
 def test_a_type_without_an_exact_grid_is_named_and_requantized_only_when_asked(tmp_path):
