@@ -508,3 +508,14 @@ def test_unavailable_device_or_provider_is_one_clear_line(artifacts, option, val
     result = validate_cli(artifacts, "--formats", "onnx", option, value)
     assert result.returncode == 2, result.stderr
     assert len(error_lines(result)) == 1 and expected in error_lines(result)[0], result.stderr
+
+
+def test_bench_skipping_a_runner_validate_judged_says_why_in_the_report():
+    """The MIL interpreter is judged by validate and left out by bench: the report says why beside its empty
+    speed cells; a skip of a runner the same command did run (another run's) is not listed."""
+    mil = {"runner": "coreml-mil fp32 numpy", "backend": "coreml-mil", "precision": "fp32", "device": "numpy"}
+    onnx = {"runner": "onnxruntime fp32 cpu", "backend": "onnxruntime", "precision": "fp32", "device": "cpu"}
+    reason = BACKENDS["coreml-mil"].untimed_reason
+    report = {"validation": {"runners": [mil, onnx], "skipped": [{"runner": "onnxruntime", "reason": "no onnx bundle"}]},
+              "bench": {"runners": [onnx], "skipped": [{"runner": mil["runner"], "reason": reason}]}}
+    assert report_module.skipped_by_reason(report) == {reason: [mil["runner"]]}

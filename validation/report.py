@@ -137,11 +137,12 @@ SUMMARY_HEADER = ["backend", "precision", "device", "verdict", "max abs Δlogit"
 
 
 def skipped_by_reason(report: dict[str, Any]) -> dict[str, list[str]]:
-    """The runners validate or bench skipped, grouped under each reason (one line per reason). A skip that
-    the other command's (later or earlier) run did not need is left out: that runner has a row."""
-    ran = {name for row in rows_by_runner(report) for name in (row["runner"], row["backend"])}
+    """The runners validate or bench skipped, grouped under each reason (one line per reason). A skip is left
+    out where the same command has a row for that runner (or backend): a skip of another of its runs. bench's
+    deliberate skips of runners that validate judged (the MIL interpreter) stay, with their reason."""
     grouped: dict[str, list[str]] = {}
     for piece in PIECES:
+        ran = {name for row in report.get(piece, {}).get("runners", []) for name in (row["runner"], row["backend"])}
         for entry in report.get(piece, {}).get("skipped", []):
             if entry["runner"] in ran:
                 continue
