@@ -60,8 +60,8 @@ class GemmaTokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> "GemmaTokenizer":
-        """Build from the GGUF's vocabulary; the result is cached next to the GGUF (gguf's reader takes ~15 s
-        over the 262k-entry vocabulary, loading the cached tokenizer.json about one)."""
+        """Build from the GGUF's vocabulary; the result is cached next to the GGUF (gguf's reader walks the
+        262k-entry vocabulary in Python, many times slower than loading the cached tokenizer.json)."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist", "check the path, or re-download the .gguf file")
