@@ -93,6 +93,7 @@ config = og.Config("path/to/this/folder")
 config.overlay('{genai_overlay("onnx/model_q4.onnx")}')  # optional: another precision
 model = og.Model(config)
 tokenizer = og.Tokenizer(model)
+tokenizer.update_options(add_special_tokens="true")  # Gemma needs <bos>; genai's encode leaves it out by default
 params = og.GeneratorParams(model)
 params.set_search_options(max_length=64)
 generator = og.Generator(model, params)

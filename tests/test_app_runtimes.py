@@ -10,8 +10,11 @@ to here (the tests that edit files copy it). real: the ONNX bundle of `real_bund
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import io
 import json
+import re
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -145,6 +148,22 @@ def test_transformers_js_teacher_forces_in_one_prefill(tiny_bundle, tiny, tiny_p
         teacher_forcing_matches_step_by_step(decoder, max(tiny_prompts, key=len), tiny.model.config.vocab_size)
     finally:
         decoder.close()
+
+
+@needs_genai
+def test_the_model_cards_genai_snippet_runs_as_written_and_starts_with_bos(tiny_bundle, tiny):
+    """The card's onnxruntime-genai code, run as a user pastes it (only the folder filled in): Gemma's text
+    starts with <bos>, which genai's encode leaves out unless told (without it the real model writes
+    "The capital of France is France. . . ."), and it generates past the prompt."""
+    card = (tiny_bundle / "README.md").read_text(encoding="utf-8")
+    [snippet] = [block for block in re.findall(r"```python\n(.*?)```", card, re.S) if "onnxruntime_genai" in block]
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(snippet.replace("path/to/this/folder", str(tiny_bundle)), namespace)  # noqa: S102 — our own card
+    sequence = [int(token) for token in namespace["generator"].get_sequence(0)]
+    prompt = tiny.tokenizer.encode("The capital of France is")
+    assert prompt[0] == tiny.tokenizer.bos_token_id and sequence[:len(prompt)] == prompt
+    assert len(sequence) > len(prompt) and printed.getvalue().strip()
 
 
 def test_app_runtimes_in_the_report_meet_the_floors(tiny_bundle):
