@@ -255,6 +255,7 @@ def test_covering_chunks_pad_the_rest_instead_of_one_token_steps():
     assert covering_chunks(600, (1, 64, 512)) == [512, 64, 64]
     assert covering_chunks(130, (1, 64, 512)) == [64, 64, 64]
     assert covering_chunks(3, (1,)) == [1, 1, 1]
+    assert covering_chunks(600, (1, 64, 512), room=620) == [512, 64] + [1] * 24  # padding must fit the cache
 
 
 # --- real Gemma 3 270M -------------------------------------------------------------------------------------

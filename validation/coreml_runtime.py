@@ -103,13 +103,15 @@ def prompt_chunks(length: int, query_lengths: Sequence[int]) -> list[int]:
     return chunks
 
 
-def covering_chunks(length: int, query_lengths: Sequence[int]) -> list[int]:
-    """Chunk sizes that cover at least `length` tokens with little padding: the one chunk that holds the rest
-    where it wastes fewer tokens than the longest chunk that fits it, else that longest chunk."""
+def covering_chunks(length: int, query_lengths: Sequence[int], room: int | None = None) -> list[int]:
+    """Chunk sizes that cover at least `length` tokens with little padding, `room` tokens at most: the one chunk
+    that holds the rest where it fits and wastes fewer tokens than the longest chunk that fits the rest, else that
+    longest chunk."""
     chunks: list[int] = []
     while length > 0:
         fitting = max(size for size in query_lengths if size <= length)
-        covering = min((size for size in query_lengths if size >= length), default=None)
+        covering = min((size for size in query_lengths
+                        if length <= size and (room is None or size <= room - sum(chunks))), default=None)
         chunk = covering if covering is not None and (fitting == 1 or covering - length < fitting) else fitting
         chunks.append(chunk)
         length -= chunk

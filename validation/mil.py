@@ -471,7 +471,7 @@ class MILRunner(ChunkedStatefulDecoder):
         them, with the program's last-position slice passing every position on (validation's teacher forcing)."""
         self.reset()
         ids = np.asarray(input_ids, dtype=np.int32).reshape(-1)
-        chunks = covering_chunks(len(ids), self.query_lengths)
+        chunks = covering_chunks(len(ids), self.query_lengths, room=self.max_context)
         # Positions past the text only follow it (causal attention): padding the last chunk with copies of the
         # last token leaves every real position's logits as they are, and saves a one-token step per token.
         padded = np.concatenate([ids, np.full(sum(chunks) - len(ids), ids[-1], dtype=np.int32)])
