@@ -516,6 +516,7 @@ def test_bench_skipping_a_runner_validate_judged_says_why_in_the_report():
     mil = {"runner": "coreml-mil fp32 numpy", "backend": "coreml-mil", "precision": "fp32", "device": "numpy"}
     onnx = {"runner": "onnxruntime fp32 cpu", "backend": "onnxruntime", "precision": "fp32", "device": "cpu"}
     reason = BACKENDS["coreml-mil"].untimed_reason
-    report = {"validation": {"runners": [mil, onnx], "skipped": [{"runner": "onnxruntime", "reason": "no onnx bundle"}]},
+    another_runs_skip = {"runner": "onnxruntime", "reason": "no onnx bundle"}
+    report = {"validation": {"runners": [mil, onnx], "skipped": [another_runs_skip]},
               "bench": {"runners": [onnx], "skipped": [{"runner": mil["runner"], "reason": reason}]}}
     assert report_module.skipped_by_reason(report) == {reason: [mil["runner"]]}

@@ -198,8 +198,8 @@ class TransformersJsDecoder:
         them to a file, too large for one line of the pipe."""
         with tempfile.TemporaryDirectory(prefix="gemma-transformers-js-") as folder:
             path = Path(folder) / "logits.f32"
-            reply = self._ask({"op": "prefill_every_position", "ids": [int(token) for token in np.asarray(ids).reshape(-1)],
-                               "path": str(path)})
+            tokens = [int(token) for token in np.asarray(ids).reshape(-1)]
+            reply = self._ask({"op": "prefill_every_position", "ids": tokens, "path": str(path)})
             return np.fromfile(path, dtype=np.float32).reshape(reply["positions"], -1)
 
     def reset(self) -> None:

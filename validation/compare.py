@@ -62,8 +62,8 @@ THRESHOLDS: dict[str, Thresholds] = {
 
 # A toy-sized model with random weights has no confident predictions: its top two logits are often closer
 # than any rounding moves them, so its top-1 agreement is noise (how much moves with the bits and the CPU's
-# kernels; measured in BENCHMARKS.md) while its KL stays far below the real floors. Its top-1 floor only catches a broken export (which agrees on ~1/vocab of steps);
-# KL keeps the table's floors.
+# kernels; measured in BENCHMARKS.md) while its KL stays far below the real floors. Its top-1 floor only
+# catches a broken export (which agrees on ~1/vocab of steps); KL keeps the table's floors.
 TOY_MIN_TOP1_AGREEMENT = {"bf16": 0.5, "fp16": 0.5, "int8": 0.5, "int4": 0.25}
 
 
