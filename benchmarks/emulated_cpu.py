@@ -77,9 +77,13 @@ def main(model_id: str, artifacts: Path, runners: tuple[str, ...], cpu: str, wor
         save_reference(reference_path, *native_reference(loaded, bundles))
     for name in runners:
         started = time.perf_counter()
-        subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, __file__, "--model", model_id,
-                        "--artifacts", str(artifacts), "--work", str(work), "--threads", str(threads),
-                        "--judge", name], check=True, stderr=subprocess.DEVNULL)
+        judged = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, __file__, "--model", model_id,
+                                 "--artifacts", str(artifacts), "--work", str(work), "--threads", str(threads),
+                                 "--judge", name], stderr=subprocess.PIPE, text=True)
+        if judged.returncode != 0:
+            # qemu warns about every CPUID feature TCG lacks: the runner's own last line is the cause
+            lines = [line for line in judged.stderr.splitlines() if "TCG doesn't support" not in line]
+            raise click.ClickException(f"{name} under -cpu {cpu}: {lines[-1] if lines else judged.returncode}")
         row = json.loads((work / f"{name.replace(' ', '_')}.json").read_text())
         print(json.dumps({"cpu": cpu, "emulated_seconds": round(time.perf_counter() - started), **row}), flush=True)
 
