@@ -203,8 +203,10 @@ class TransformerBlock(nn.Module):
         return x + self.post_feedforward_norm(self.feed_forward(self.pre_feedforward_norm(x)))
 
 
-# Rows of a 16-bit LM head widened to float32 at once: a bounded temporary instead of a float32 copy of the head.
-HEAD_ROWS_PER_CHUNK = 16384
+# Rows of a 16-bit LM head widened to float32 at once: a bounded temporary instead of a float32 copy of the head,
+# and small enough (10 MiB) that the allocator reuses it: glibc hands a block over 32 MiB to mmap, which faults
+# in every page again at each call, a cost ten times the product's (BENCHMARKS.md, "The 16-bit LM head").
+HEAD_ROWS_PER_CHUNK = 4096
 
 
 class Gemma3Model(nn.Module):
