@@ -46,8 +46,10 @@ check-avx2: setup
 test: setup
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
+# The everyday loop (< 5 min): the tiny-model tests but the slow ones (whole exports, signals, the tiny `all`
+# run), which `make test` runs with the rest.
 test-fast: setup
-	$(PY) -m pytest -q -m "not real" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not real and not slow" --durations=10 $(PYTEST_ARGS)
 
 # The property-based tests of every untrusted-input reader with the long budget (`make test` runs a short one).
 fuzz: setup

@@ -1,4 +1,5 @@
-"""Shared fixtures. Markers are registered in pyproject.toml: `real` = uses the real Gemma 3 270M weights."""
+"""Shared fixtures. Markers are registered in pyproject.toml: `real` = uses the real Gemma 3 270M weights, `slow` =
+tiny-model work that `make test-fast` leaves to `make test` (every test using `tiny_all` is marked here)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,14 @@ def gemma_export(*args: str, env: dict[str, str] | None = None, timeout: float =
 def run_all_command(out, *args: str) -> subprocess.CompletedProcess:
     """`gemma-export all` with the end-to-end settings."""
     return gemma_export("all", "--out", str(out), *E2E_SETTINGS, *args, timeout=3600)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on the session's tiny `gemma-export all` run waits for it (every format, precision and runner,
+    validated and benched: minutes), so it is `slow` wherever it lives."""
+    for item in items:
+        if "tiny_all" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -223,6 +223,7 @@ def check_ratios(row: dict, baseline: dict) -> None:
         assert ratios[metric] == pytest.approx(row[metric] / baseline[metric], rel=1e-12), metric
 
 
+@pytest.mark.slow
 def test_bench_measures_the_transformers_baseline_and_saves_ratios(tiny, tmp_path):
     root = tmp_path / "artifacts"
     outcome = run_bench(tiny, root, Selection(formats=("pytorch",)), SETTINGS, bandwidth_megabytes=32,

@@ -197,6 +197,7 @@ def copy_of(good: Path, tmp_path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- exports
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx", "coreml"])
+@pytest.mark.slow
 def test_interrupted_export_keeps_the_previous_bundle_and_the_next_run_works(fmt, good_bundles, tmp_path):
     out = copy_of(good_bundles[fmt].root, tmp_path)
     previous = read_manifest(out / SLUG / fmt)
@@ -250,6 +251,7 @@ def assert_ended_by_exit_code(cli: Cli, sent: signal.Signals | None, out: Path, 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's handlers from /proc")
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx", "coreml"])
+@pytest.mark.slow
 def test_a_signal_at_any_moment_of_an_export_ends_it_by_its_exit_code(fmt, good_bundles, tmp_path):
     """SIGINT and SIGTERM (alternately) at random moments spread over a whole export, from the CLI's handlers
     going in to its end: imports, weight loading, tracing, conversion, the publish, the clean-up, the exit.
@@ -301,6 +303,7 @@ def test_two_sigints_10_ms_apart_end_as_one_interruption(good_bundles, tmp_path)
         cli.kill()
 
 
+@pytest.mark.slow
 def test_interrupted_all_keeps_the_bundle_and_releases_it(good_bundles, tmp_path):
     """`gemma-export all`: SIGINT while it exports keeps the previous bundle; SIGTERM while it validates (the
     export is published by then) leaves that new bundle whole, and the export lock free."""
@@ -492,6 +495,7 @@ def test_a_ctrl_c_that_left_an_exec_ends_with_exit_130_not_by_the_signal(tmp_pat
 
 # ------------------------------------------------------------------------------------------- concurrency
 
+@pytest.mark.slow
 def test_second_export_fails_naming_the_lock_or_waits_with_wait(tmp_path):
     """Deterministic: the first export is paused (SIGSTOP) while it holds the lock, mid-export. A second one
     fails at once with one `error:` line naming the holder and the lock; a third with --wait finishes after
@@ -526,6 +530,7 @@ def test_second_export_fails_naming_the_lock_or_waits_with_wait(tmp_path):
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_two_exports_started_at_once_publish_one_whole_bundle(tmp_path):
     """Both start together. Usually one takes the lock and the other fails naming it; if the machine lets one
     finish before the other reaches the lock, both succeed in turn. Either way the bundle is one export's."""

@@ -138,6 +138,7 @@ WIDE_TINY = PRESETS["tiny"].replace(context_length=2048, num_heads=4, num_kv_hea
                                     sliding_window_pattern=2, layer_types=())
 
 
+@pytest.mark.slow
 def test_long_context_on_a_toy_model_grows_by_the_cache_only():
     max_length, chunk, decode_steps = WIDE_TINY.context_length, 512, 32
     measured = measure_long_context(json.dumps(WIDE_TINY.to_dict()), max_length, max_length - decode_steps,
@@ -226,6 +227,7 @@ def measure_validation(artifacts_root: Path, ballast_bytes: int) -> dict:
     return measured
 
 
+@pytest.mark.slow
 def test_validation_holds_one_backend_at_a_time(tiny_bundles):
     """A tiny model's backends weigh a few MiB, lost in the noise of the runtimes themselves; so the same
     validation runs twice, once with a 1 GiB ballast tensor attached to every compared runner. The extra

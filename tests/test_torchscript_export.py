@@ -132,6 +132,7 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny, tiny_export, file_name
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_half_precision_exports_keep_float32_logits_and_agree_with_eager(tiny, tmp_path, precision):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     variants = export(tiny.model, tmp_path, precision)

@@ -189,6 +189,7 @@ def run_with_token(args: list[str], tmp_path: Path, extra: dict[str, str] | None
     return gemma_export(*args, env=env, timeout=900)
 
 
+@pytest.mark.slow
 def test_the_hf_token_never_reaches_output_manifests_or_reports(tiny, tmp_path):
     cached_hub_model(tmp_path / "hf-home", tiny)
     out = tmp_path / "artifacts"

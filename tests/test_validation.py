@@ -378,6 +378,7 @@ def test_unavailable_targets_are_skipped_with_a_reason():
 
 # ------------------------------------------------------------------------------------------------- validate
 
+@pytest.mark.slow
 def test_validate_writes_the_three_report_files(tiny, artifacts):
     outcome = run_validation(tiny, artifacts, max_new_tokens=NEW_TOKENS, threads=1)
     paths = write_report(artifacts, tiny.weights.slug)
@@ -436,6 +437,7 @@ def test_bench_measures_each_runner_in_its_own_process(tiny, artifacts, tmp_path
     assert html.count("data:image/png;base64,") == 3  # validation's logit-difference and top-1 plots, bench's speed
 
 
+@pytest.mark.slow
 def test_reexported_perturbed_model_fails_naming_the_backend(perturbed_artifacts):
     result = validate_cli(perturbed_artifacts, "--formats", "onnx")
     assert result.returncode == 1, result.stderr
