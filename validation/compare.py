@@ -162,21 +162,26 @@ def reference_runs(reference: Runner, prompts: Sequence[Prompt], steps: int) -> 
 # ------------------------------------------------------------------------------------------------ metrics
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max()
+    shifted = np.asarray(logits, dtype=np.float64) - logits.max()
     return shifted - np.log(np.exp(shifted).sum())
+
+
+def top_k_ids(logits: np.ndarray, k: int) -> set[int]:
+    """The ids of the k largest logits (a partition, not a sort: every runner's every step pays for this)."""
+    return set(np.argpartition(logits, -k)[-k:].tolist())
 
 
 def step_metrics(reference: np.ndarray, run: np.ndarray) -> dict[str, float]:
     """How far one step's logits are from the reference's. Non-finite logits make the distances NaN."""
-    difference = np.abs(reference.astype(np.float64) - run.astype(np.float64))
+    reference64, run64 = reference.astype(np.float64), run.astype(np.float64)
+    difference = np.abs(reference64 - run64)
     norms = float(np.linalg.norm(reference) * np.linalg.norm(run))
-    reference_log, run_log = log_softmax(reference), log_softmax(run)
-    top_reference = set(np.argsort(reference)[-TOP_K_OVERLAP:].tolist())
-    top_run = set(np.argsort(run)[-TOP_K_OVERLAP:].tolist())
+    reference_log, run_log = log_softmax(reference64), log_softmax(run64)
+    top_reference, top_run = top_k_ids(reference, TOP_K_OVERLAP), top_k_ids(run, TOP_K_OVERLAP)
     return {
         "max_abs_logit_diff": float(difference.max()),
         "mean_abs_logit_diff": float(difference.mean()),
-        "cosine": float(reference.astype(np.float64) @ run.astype(np.float64) / norms) if norms else float("nan"),
+        "cosine": float(reference64 @ run64 / norms) if norms else float("nan"),
         "kl_divergence": float((np.exp(reference_log) * (reference_log - run_log)).sum()),
         "top1_agrees": bool(reference.argmax() == run.argmax()),
         "top5_overlap": len(top_reference & top_run) / TOP_K_OVERLAP,
