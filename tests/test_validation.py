@@ -27,8 +27,9 @@ from model.config import PRESETS
 from model.errors import UserError
 from validation import report as report_module
 from validation.bench import BenchSettings
-from validation.compare import (THRESHOLDS, Prompt, Thresholds, compare_all, crashed_result, failures,
-                                greedy_and_forced, greedy_run, load_prompts, matching_prefix, step_metrics, thresholds_for)
+from validation.compare import (THRESHOLDS, TWIN_PROBE_STEPS, Prompt, Thresholds, compare_all, crashed_result,
+                                failures, greedy_and_forced, greedy_run, load_prompts, matching_prefix, step_metrics,
+                                thresholds_for)
 from validation.report import save_piece
 from validation.coreml_runtime import covering_chunks
 from validation.runners import (BACKENDS, REFERENCE_SPEC, Host, Runner, RunnerSpec, Selection, available_specs,
@@ -244,6 +245,57 @@ def test_a_runner_with_nan_logits_fails_by_name_in_every_report_format_and_gets_
     assert [row["runner"] for row in speed_rows] == [healthy.name]
 
 
+class OneBitOffDecoder(ContextDecoder):
+    """Equal to `ContextDecoder` but for the last bit of one logit after 9 tokens (only the long prompt gets there)."""
+
+    def decode(self, token: np.ndarray) -> np.ndarray:
+        logits = super().decode(token)
+        if len(self.runner.context) == 9:
+            logits[0, 2] = np.nextafter(logits[0, 2], np.float32(np.inf))
+        return logits
+
+
+class CountingDecoder(ContextDecoder):
+    """Counts every prefill and decode asked of it, across runs."""
+    asked = 0
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        type(self).asked += 1
+        return super().prefill(ids)
+
+    def decode(self, token: np.ndarray) -> np.ndarray:
+        type(self).asked += 1
+        return super().decode(token)
+
+
+@pytest.mark.parametrize("twin_decoder, takes_the_numbers", [(CountingDecoder, True), (OneBitOffDecoder, False)])
+def test_a_twin_equal_bit_for_bit_on_the_probe_takes_the_first_files_numbers(twin_decoder, takes_the_numbers):
+    """A torch.export program equal to its TorchScript twin on every bit of the probe prompt (past the window)
+    takes the twin's numbers and says so; one bit off anywhere, and it is judged on every step itself."""
+    CountingDecoder.asked = 0
+    reference = toy_runner(REFERENCE_SPEC, ContextDecoder())
+    first, twin = RunnerSpec("torchscript", "bf16", "cpu"), RunnerSpec("torch-export", "bf16", "cpu")
+    openers = [(spec.name, spec.to_dict(), lambda spec=spec, decoder=decoder: toy_runner(spec, decoder()))
+               for spec, decoder in ((first, ContextDecoder), (twin, twin_decoder))]
+    prompts = [Prompt("short", [3, 1, 4], False), Prompt("long", [2, 6, 5, 3, 5, 1], True)]
+    heldout = [5, 2, 6, 1, 0, 3, 4, 2, 1]
+    assert TWIN_PROBE_STEPS >= 6
+    rows = {row["runner"]: row for row in compare_all(reference, openers, prompts, heldout, 6,
+                                                      lambda precision: THRESHOLDS[precision])}
+    judged, checked = rows[first.name], rows[twin.name]
+    assert checked["backend"] == "torch-export" and checked["verdict"] == "PASS"
+    if takes_the_numbers:
+        assert checked["equal_to"] == first.name and CountingDecoder.asked == 6  # the probe: a prefill, 5 decodes
+        assert checked["shortened"] == [f"equals {first.name} bit for bit on prompt 'long' (its first 6 greedy "
+                                        f"tokens and teacher-forced logits); its other steps are {first.name}'s"]
+        assert {key: checked[key] for key in ("prompts", "heldout_steps", "mean_kl_divergence")} == \
+            {key: judged[key] for key in ("prompts", "heldout_steps", "mean_kl_divergence")}
+    else:
+        assert "equal_to" not in checked and "shortened" not in checked
+        assert checked["teacher_forced_steps"] == 2 * 6 + len(heldout) - 1
+        assert checked["max_abs_logit_diff"] > 0 == judged["max_abs_logit_diff"]
+
+
 def test_report_lists_shortened_measurements_interpreter_speed_and_where_the_time_went(tmp_path):
     """A runner the bench budget cut is named with what was cut; an interpreter's speed is marked as such; the
     time table has each stage with its runners' shares."""
@@ -254,13 +306,20 @@ def test_report_lists_shortened_measurements_interpreter_speed_and_where_the_tim
             "decode_tokens_per_second": 60.0, "ceiling_tokens_per_second": 90.0, "seconds": 20.0}
     save_piece(tmp_path, "bench", {"runners": [mil, onnx], "skipped": [], "baselines": [], "seconds": 100.0,
                                    "settings": {"budget_s": 30.0, "rounds": 1}})
+    first = {"runner": "torchscript bf16 cpu", "backend": "torchscript", "precision": "bf16", "device": "cpu",
+             "verdict": "PASS", "failures": [], "prompts": [], "seconds": 30.0}
+    twin = {**first, "runner": "torch-export bf16 cpu", "backend": "torch-export", "seconds": 5.0,
+            "equal_to": first["runner"], "shortened": ["equals torchscript bf16 cpu bit for bit on prompt 'long'"]}
+    save_piece(tmp_path, "validation", {"model": {"slug": "toy", "model_id": "toy"}, "max_new_tokens": 4,
+                                        "heldout_tokens": 8, "runners": [first, twin], "skipped": [], "seconds": 40.0})
     save_piece(tmp_path, "timings", {"exports": {"onnx": 120.0, "coreml": 280.0}, "total_seconds": 900.0})
     paths = report_module.write_report(tmp_path)
     markdown = paths["md"].read_text()
     section = markdown.split("## Shortened measurements")[1].split("## ")[0]
-    assert "30 s per measurement" in section and "interpreter's" in section
-    assert "- coreml-mil fp32 numpy: decode: 1 of 3 timed runs; decode: 48 of 256 tokens per run" in section
-    assert "onnxruntime int4 cpu" not in section
+    assert "30 s per measurement" in section and "interpreter's" in section and "TorchScript twin's" in section
+    assert "- bench: coreml-mil fp32 numpy: decode: 1 of 3 timed runs; decode: 48 of 256 tokens per run" in section
+    assert "- validate: torch-export bf16 cpu: equals torchscript bf16 cpu bit for bit on prompt 'long'" in section
+    assert "onnxruntime int4 cpu" not in section and "validate: torchscript bf16" not in section
     for line in ("| export | (whole stage) | 400 |  |", "| export | coreml | 280 | 70 |",
                  "| bench | (whole stage) | 100 |  |", "| bench | coreml-mil fp32 numpy | 60 | 60 |",
                  "| bench | onnxruntime int4 cpu | 20 | 20 |", "| all | (the whole command) | 900 |  |"):

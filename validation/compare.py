@@ -30,7 +30,7 @@ from model.config import PRESETS, Gemma3Config
 from model.errors import UserError
 from model.interrupts import raise_if_interrupted
 from model.tokenizer import GemmaTokenizer
-from validation.runners import Runner, teacher_forced_logits
+from validation.runners import Runner, RunnerSpec, teacher_forced_logits, twin_spec
 
 PROMPTS_FILE = Path(__file__).with_name("prompts.json")
 HELDOUT_FILE = Path(__file__).with_name("heldout.txt")
@@ -122,6 +122,10 @@ class ReferenceRun:
     step_logits: list[np.ndarray]  # step k: logits from which tokens[k] was chosen
 
 
+# A runner's own greedy tokens on a prompt, and its logits at every step of the reference's tokens.
+PromptRun = tuple[list[int], list[np.ndarray]]
+
+
 @dataclass
 class HeldoutRun:
     ids: list[int]
@@ -206,7 +210,10 @@ def perplexity(step_logits: Sequence[np.ndarray], ids: Sequence[int]) -> float:
 # ---------------------------------------------------------------------------------------------- comparison
 
 def compare_prompt(runner: Runner, reference: ReferenceRun) -> dict[str, Any]:
-    own_tokens, forced = greedy_and_forced(runner, reference.prompt.ids, reference.tokens)
+    return prompt_row(reference, *greedy_and_forced(runner, reference.prompt.ids, reference.tokens))
+
+
+def prompt_row(reference: ReferenceRun, own_tokens: list[int], forced: Sequence[np.ndarray]) -> dict[str, Any]:
     steps = [step_metrics(theirs, mine) for theirs, mine in zip(reference.step_logits, forced)]
     return {"prompt": reference.prompt.name, "prompt_tokens": len(reference.prompt.ids),
             "crosses_window": reference.prompt.crosses_window, "steps": steps,
@@ -269,7 +276,14 @@ def compare_heldout(runner: Runner, heldout: HeldoutRun) -> tuple[list[dict[str,
 
 def compare_runner(runner: Runner, references: Sequence[ReferenceRun], heldout: HeldoutRun,
                    thresholds: Thresholds) -> dict[str, Any]:
-    prompts = [compare_prompt(runner, reference) for reference in references]
+    return compare_runner_keeping_runs(runner, references, heldout, thresholds)[0]
+
+
+def compare_runner_keeping_runs(runner: Runner, references: Sequence[ReferenceRun], heldout: HeldoutRun,
+                                thresholds: Thresholds) -> tuple[dict[str, Any], list[PromptRun]]:
+    """The runner's row, and its own greedy tokens and teacher-forced logits on each prompt (for a twin)."""
+    runs = [greedy_and_forced(runner, reference.prompt.ids, reference.tokens) for reference in references]
+    prompts = [prompt_row(reference, *run) for reference, run in zip(references, runs)]
     heldout_steps, runner_perplexity = compare_heldout(runner, heldout)
     summary = summarize(prompts, heldout_steps)
     failed = failures(summary, prompts, thresholds)
@@ -277,14 +291,52 @@ def compare_runner(runner: Runner, references: Sequence[ReferenceRun], heldout: 
             "failures": failed, "thresholds": asdict(thresholds), **summary,
             "perplexity": runner_perplexity,
             "perplexity_ratio": runner_perplexity / heldout.perplexity,
-            "size_bytes": runner.size_bytes, "prompts": prompts, "heldout_steps": heldout_steps}
+            "size_bytes": runner.size_bytes, "prompts": prompts, "heldout_steps": heldout_steps}, runs
+
+
+# ---------------------------------------------------------------------------------------------------- twins
+# A torch.export program and a TorchScript file traced from the same decoder (`Backend.twin_of`) run the same
+# operations: where the twin's greedy tokens and every teacher-forced logit equal the first file's bit for bit
+# on the probe prompt (prefill and decode both past the sliding window), judging every other step again would
+# only repeat the first file's numbers. The row takes them and says so (`shortened`); any difference in a
+# single bit, a NaN included, and the twin is judged on every step like any runner.
+
+# Steps of the probe prompt a twin runs: its prefill and decode steps past the window, a fraction of the time.
+TWIN_PROBE_STEPS = 8
+
+
+def probe_index(references: Sequence[ReferenceRun]) -> int:
+    return next((index for index, run in enumerate(references) if run.prompt.crosses_window), 0)
+
+
+def twin_row(judged: dict[str, Any], runner: Runner, probe: ReferenceRun) -> dict[str, Any]:
+    return {**judged, "runner": runner.name, **runner.spec.to_dict(), "size_bytes": runner.size_bytes,
+            "equal_to": judged["runner"],
+            "shortened": [f"equals {judged['runner']} bit for bit on prompt {probe.prompt.name!r} (its first "
+                          f"{len(probe.tokens)} greedy tokens and teacher-forced logits); its other steps are "
+                          f"{judged['runner']}'s"]}
 
 
 def compare_opened(open_runner: Callable[[], Runner], references: Sequence[ReferenceRun],
-                   heldout: HeldoutRun, thresholds: Callable[[str], Thresholds]) -> dict[str, Any]:
-    """Open one runner and compare it; the runner is garbage as soon as this returns."""
+                   heldout: HeldoutRun, thresholds: Callable[[str], Thresholds],
+                   twins: dict[str, tuple[dict[str, Any], PromptRun]] | None = None) -> dict[str, Any]:
+    """Open one runner and compare it; the runner is garbage as soon as this returns. `twins` holds, by runner
+    name, the row and probe run of each judged runner that a later twin will be checked against."""
     runner = open_runner()
-    return compare_runner(runner, references, heldout, thresholds(runner.precision))
+    twins = {} if twins is None else twins
+    probe = references[probe_index(references)] if references else None
+    twin = twin_spec(runner.spec)
+    if probe is not None and twin is not None and twins.get(twin.name) is not None:
+        judged, (tokens, logits) = twins.pop(twin.name)
+        probe = replace(probe, tokens=probe.tokens[:TWIN_PROBE_STEPS])
+        own_tokens, forced = greedy_and_forced(runner, probe.prompt.ids, probe.tokens)
+        if own_tokens == tokens[:len(probe.tokens)] and all(
+                np.array_equal(mine, theirs) for mine, theirs in zip(forced, logits)):
+            return twin_row(judged, runner, probe)
+    row, runs = compare_runner_keeping_runs(runner, references, heldout, thresholds(runner.precision))
+    if runner.name in twins:
+        twins[runner.name] = (row, runs[probe_index(references)])
+    return row
 
 
 def crashed_result(name: str, spec: dict[str, str], error: BaseException) -> dict[str, Any]:
@@ -313,6 +365,11 @@ def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, s
                           "crosses_window": run.prompt.crosses_window, "reference_tokens": run.tokens}
                          for run in references], "seconds": time.perf_counter() - started}]
     judged = [(name, spec, opener, thresholds, False) for name, spec, opener in open_runners]
+    # The runners that a later runner is the twin of: their probe runs are kept until the twin is checked.
+    names = {name for name, _, _, _, _ in judged}
+    twins: dict[str, Any] = {twin.name: None for twin in (twin_spec(RunnerSpec.from_dict(spec))
+                                                          for _, spec, _, _, _ in judged)
+                             if twin is not None and twin.name in names}
     unjudged = [(name, spec, opener, lambda precision: Thresholds(), True) for name, spec, opener in open_baselines]
     for name, spec, open_runner, floors, is_baseline in [*judged, *unjudged]:
         raise_if_interrupted()  # a Ctrl-C swallowed inside the last runtime (coremltools has bare excepts)
@@ -320,7 +377,7 @@ def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, s
             on_runner(name, False)
         started = time.perf_counter()
         try:
-            row = compare_opened(open_runner, references, heldout, floors)
+            row = compare_opened(open_runner, references, heldout, floors, None if is_baseline else twins)
         except Exception as error:  # noqa: BLE001 — one broken runtime must not hide the others' verdicts
             row = crashed_result(name, spec, error)
         if is_baseline:

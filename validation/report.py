@@ -256,17 +256,29 @@ INTERPRETER_NOTE = ("coreml-mil runs the Core ML program with numpy (validation/
                     "its speed is an interpreter's, not Core ML's on a device.")
 
 
+TWIN_NOTE = ("A torch.export program whose greedy tokens and teacher-forced logits equal its TorchScript twin's "
+             "bit for bit on the probe prompt (past the sliding window) takes the twin's numbers for its other steps "
+             "(validate); one bit off and it is judged on every step.")
+
+
 def shortened_lines(report: dict[str, Any]) -> list[str]:
-    bench = report.get("bench", {})
-    return [f"{row['runner']}: {'; '.join(row['shortened'])}"
-            for row in [*bench.get("runners", []), *bench.get("baselines", [])] if row.get("shortened")]
+    """Each validated or benched row with something shortened, by stage."""
+    return [f"{stage}: {row['runner']}: {'; '.join(row['shortened'])}"
+            for stage in ("validate", "bench") for row in stage_rows(report, stage) if row.get("shortened")]
+
+
+def stage_rows(report: dict[str, Any], stage: str) -> list[dict[str, Any]]:
+    piece = report.get("validation" if stage == "validate" else stage, {})
+    return [*piece.get("runners", []), *piece.get("baselines", [])]
 
 
 def shortened_notes(report: dict[str, Any]) -> list[str]:
     """The notes that go with the shortened lines and with interpreter speeds, where they apply."""
     bench = report.get("bench", {})
     notes = []
-    if shortened_lines(report):
+    if any(row.get("shortened") for row in stage_rows(report, "validate")):
+        notes.append(TWIN_NOTE)
+    if any(row.get("shortened") for row in stage_rows(report, "bench")):
         notes.append(SHORTENED_NOTE.format(budget=bench.get("settings", {}).get("budget_s", 0)))
     if any(row.get("backend") == "coreml-mil" for row in bench.get("runners", [])):
         notes.append(INTERPRETER_NOTE)

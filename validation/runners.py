@@ -50,13 +50,15 @@ class Backend:
     targets: tuple[str, ...]
     # Why bench leaves it out unless asked for by name (`--backends`); None: bench measures it by default.
     untimed_reason: str | None = None
+    # The backend whose file holds the same computation from the same trace (validation/compare.py's twins).
+    twin_of: str | None = None
 
 
 BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
     Backend("pytorch", None, "", "device", TORCH_DEVICES),
     Backend("pytorch-compile", None, "", "device", TORCH_DEVICES),
     Backend("torchscript", "torchscript", "", "device", TORCH_DEVICES),
-    Backend("torch-export", "torchscript", "-pt2", "device", TORCH_DEVICES),
+    Backend("torch-export", "torchscript", "-pt2", "device", TORCH_DEVICES, twin_of="torchscript"),
     Backend("onnxruntime", "onnx", "", "provider", tuple(ONNX_PROVIDERS)),
     Backend("coreml", "coreml", "", "compute units", COREML_COMPUTE_UNITS),
     Backend("coreml-mil", "coreml", "", "device", ("numpy",),
@@ -98,6 +100,12 @@ class RunnerSpec:
 
 
 REFERENCE_SPEC = RunnerSpec(REFERENCE_BACKEND, REFERENCE_PRECISION, "cpu")
+
+
+def twin_spec(spec: RunnerSpec) -> RunnerSpec | None:
+    """The runner whose file was traced from the same decoder (a `.pt2` program's `.pt`), if any."""
+    twin = BACKENDS[spec.backend].twin_of
+    return None if twin is None else RunnerSpec(twin, spec.precision, spec.device)
 
 
 @dataclass(frozen=True)
