@@ -14,7 +14,7 @@ from exporters.progress import StepProgress
 from exporters.registry import FORMATS, check_format_options, check_precisions, export_bundle, precisions_help
 from gemma_export.errors import debug_option, entry_point
 from gemma_export.options import model_options
-from gemma_export.validation_commands import (backends_option, baseline_option, budget_option, finish,
+from gemma_export.validation_commands import (all_budget_option, backends_option, baseline_option, finish,
                                               perplexity_tokens_option, selection_from, stage_summary)
 from gemma_export.validation_commands import register as register_validation_commands
 from validation.bench import BenchSettings
@@ -133,7 +133,7 @@ def bundle_summary(bundle: Bundle, seconds: float) -> str:
 @perplexity_tokens_option
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@budget_option
+@all_budget_option
 @click.option("--bench/--no-bench", "with_bench", default=True, show_default=True,
               help="--no-bench: export, validate and report only (the report then has no speed columns).")
 @requantize_option

@@ -18,6 +18,8 @@ import pytest
 
 from exporters.artifact import load_bundle
 from exporters.registry import FORMATS
+from gemma_export.validation_commands import ALL_BUDGET_S
+from validation.bench import BenchSettings
 from conftest import E2E_SETTINGS, REAL_ALL_PRECISIONS, REAL_HELDOUT_TOKENS, TINY_ALL_PRECISIONS
 
 # Runner names per bundle format: (backend, target) for each variant the bundle holds. The Core ML runtime
@@ -124,6 +126,12 @@ def test_tiny_all_every_backend(tiny, tiny_all):
     for name, row in fp32.items():
         if row["verdict"] != "reference":
             assert row["max_abs_logit_diff"] <= 1e-3 and row["greedy_match_steps"] == row["greedy_steps"], name
+    # The .pt2 program equals its .pt twin bit for bit: it takes the twin's numbers (the report says so).
+    assert fp32["torch-export fp32 cpu"]["equal_to"] == "torchscript fp32 cpu"
+    assert "validate: torch-export fp32 cpu: equals torchscript fp32 cpu bit for bit" in \
+        (out / tiny.weights.slug / "report" / "report.md").read_text()
+    # `all` benches with half `bench`'s budget per measurement (a first look beside the verdicts).
+    assert report["bench"]["settings"]["budget_s"] == ALL_BUDGET_S == BenchSettings().budget_s / 2
 
 
 @pytest.mark.real
