@@ -35,7 +35,23 @@ WEIGHTS_FOLDER = ("Data", "com.apple.CoreML", "weights")
 def as_float32(x: np.ndarray) -> np.ndarray:
     """Floating inputs widened to float32 (fp16 → fp32 is exact); integers and booleans as they are."""
     x = np.asarray(x)
-    return x.astype(np.float32) if x.dtype == np.float16 else x
+    return converted(x, np.dtype(np.float32)) if x.dtype == np.float16 else x
+
+
+# Arrays from this many elements convert between float16 and float32 through torch: the same IEEE rounding
+# (to nearest, ties to even; inf past 65504), with vector instructions numpy's casts lack (BENCHMARKS.md).
+TORCH_CAST_ELEMENTS = 4096
+HALF_AND_SINGLE = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+
+
+def converted(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """x as dtype, not copied when it already is."""
+    if x.dtype == dtype:
+        return x
+    if x.size >= TORCH_CAST_ELEMENTS and x.dtype in HALF_AND_SINGLE and dtype in HALF_AND_SINGLE \
+            and x.flags.writeable:  # torch.from_numpy warns about read-only memory
+        return torch.from_numpy(np.ascontiguousarray(x)).to(HALF_AND_SINGLE[dtype]).numpy()
+    return x.astype(dtype)
 
 
 def output_dtype(var: Any) -> np.dtype:
@@ -169,7 +185,7 @@ def scaled_dot_product_attention(op: Any, a: dict[str, Any]) -> np.ndarray:
 
 
 def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    return x.astype(dtype).astype(np.float32) if dtype == np.float16 else x
+    return as_float32(converted(np.asarray(x), np.dtype(np.float16))) if dtype == np.float16 else x
 
 
 # --- shapes and indexing -----------------------------------------------------------------------------------
@@ -389,7 +405,7 @@ class MILExecutor:
             outputs = arguments["x"] if op is keep_every_position else self._execute(op, function, arguments)
             with np.errstate(over="ignore"):  # an fp16 result past 65504 is inf, as on the device
                 for var, value in zip(op.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
-                    values[var.name] = np.asarray(value).astype(output_dtype(var), copy=False)
+                    values[var.name] = converted(np.asarray(value), output_dtype(var))
         return {name: values[name] for name in self.output_names}
 
     def _execute(self, op: Any, function: OpFunction | None, arguments: dict[str, Any]) -> Value:
