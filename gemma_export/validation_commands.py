@@ -17,7 +17,7 @@ from validation.baselines import BASELINE_CHOICES
 from validation.bench import BenchSettings
 from validation.compare import FP32_MAX_LOGIT_DIFF, HELDOUT_MAX_TOKENS, THRESHOLDS
 from validation.pipeline import Outcome, run_bench, run_validation, write_report
-from validation.report import timing_rows
+from validation.report import WHOLE_COMMAND, WHOLE_STAGE, timing_rows
 from validation.runners import (BACKENDS, COREML_COMPUTE_UNITS, FORMAT_CHOICES, ONNX_PROVIDERS, TORCH_DEVICES,
                                 Selection)
 
@@ -176,7 +176,7 @@ def stage_summary(timings: dict[str, Any], validation: Outcome, bench: Outcome |
     report = {"timings": timings, "validation": validation.piece, "bench": bench.piece if bench else {}}
     lines = ["time per stage:"]
     for stage, part, seconds, _share in timing_rows(report):
-        whole_stage = part.startswith("(")
+        whole_stage = part in (WHOLE_STAGE, WHOLE_COMMAND)
         if stage == "export" and not whole_stage:
             lines.append(f"  export {part:<12} {seconds:>7} s")
         elif whole_stage and stage != "export":

@@ -83,3 +83,25 @@ def test_formats_and_precisions_come_from_the_one_registry():
     assert "--format [" + "|".join(FORMATS) + "]" in help_text
     for fmt, info in FORMATS.items():
         assert f"{fmt}: {'|'.join(info.precisions)} (default {info.default_precision})" in help_text
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_all_ends_with_each_stages_time_and_with_verbose_each_runners(verbose):
+    """The summary `all` prints comes from the report's timing rows: each export, the validate and bench totals
+    and the whole command; each runner only with --verbose (a runner's name may hold parentheses)."""
+    from gemma_export.validation_commands import stage_summary
+    from validation.pipeline import Outcome
+
+    validation = Outcome({"seconds": 300.0, "runners": [{"runner": "pytorch fp32 cpu", "seconds": 20.0},
+                                                        {"runner": "llama.cpp (q4_k_m) cpu", "seconds": 30.0}]}, [], [])
+    bench = Outcome({"seconds": 200.0, "runners": [{"runner": "onnxruntime int4 cpu", "seconds": 18.0}]}, [], [])
+    timings = {"exports": {"torchscript": 60.0, "onnx": 90.0}, "total_seconds": 700.0}
+    lines = stage_summary(timings, validation, bench, verbose).splitlines()
+    stages = ["time per stage:", "  export torchscript       60 s", "  export onnx              90 s",
+              "  validate                300 s"]
+    runners = ["    pytorch fp32 cpu                          20 s",
+               "    llama.cpp (q4_k_m) cpu                    30 s"]
+    benched = "    onnxruntime int4 cpu                      18 s"
+    assert lines[:4] == stages and lines[-1] == "  all                     700 s"
+    assert (lines[4:6] == runners) == verbose and (benched in lines) == verbose
+    assert "  bench                   200 s" in lines and len(lines) == (9 if verbose else 6)

@@ -14,6 +14,7 @@ An op outside `OPS` fails at load time with its name, before any numbers are pro
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -398,7 +399,7 @@ class MILExecutor:
         values: dict[str, Any] = dict(self.constants)
         for name in self.input_names:
             values[name] = np.asarray(inputs[name]).astype(output_dtype(self.function.inputs[name]))
-        keep_every_position = last_position_slice(self.function) if every_position else None
+        keep_every_position = self.last_position_slice if every_position else None
         for op, function, names in self.steps:
             arguments = {key: (tuple(values[n] for n in name) if isinstance(name, tuple) else values[name])
                          for key, name in names.items()}
@@ -407,6 +408,10 @@ class MILExecutor:
                 for var, value in zip(op.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
                     values[var.name] = converted(np.asarray(value), output_dtype(var))
         return {name: values[name] for name in self.output_names}
+
+    @functools.cached_property
+    def last_position_slice(self) -> Any:
+        return last_position_slice(self.function)
 
     def _execute(self, op: Any, function: OpFunction | None, arguments: dict[str, Any]) -> Value:
         if op.op_type == "linear":

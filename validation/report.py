@@ -290,6 +290,8 @@ def shortened_notes(report: dict[str, Any]) -> list[str]:
 TIMING_NOTE = ("Wall time of each stage and of each runner in it (a runner's validation: opening it and every "
                "prompt and the held-out text; its bench: its own process, every round).")
 TIMING_HEADER = ["stage", "part", "seconds", "% of stage"]
+# The "part" of a stage's own total and of the whole command's, in the timing rows.
+WHOLE_STAGE, WHOLE_COMMAND = "(whole stage)", "(the whole command)"
 
 
 def timing_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -306,13 +308,13 @@ def timing_rows(report: dict[str, Any]) -> list[list[str]]:
             rows += part_rows(stage, found["seconds"], parts)
     total = report.get("timings", {}).get("total_seconds")
     if total is not None:
-        rows.append(["all", "(the whole command)", f"{total:.0f}", ""])
+        rows.append(["all", WHOLE_COMMAND, f"{total:.0f}", ""])
     return rows
 
 
 def part_rows(stage: str, seconds: float, parts: dict[str, float]) -> list[list[str]]:
     share = (lambda value: f"{100 * value / seconds:.0f}") if seconds else (lambda value: "—")
-    return [[stage, "(whole stage)", f"{seconds:.0f}", ""],
+    return [[stage, WHOLE_STAGE, f"{seconds:.0f}", ""],
             *([stage, name, f"{value:.0f}", share(value)] for name, value in parts.items())]
 
 
