@@ -103,8 +103,10 @@ REFERENCE_SPEC = RunnerSpec(REFERENCE_BACKEND, REFERENCE_PRECISION, "cpu")
 
 
 def twin_spec(spec: RunnerSpec) -> RunnerSpec | None:
-    """The runner whose file was traced from the same decoder (a `.pt2` program's `.pt`), if any."""
-    twin = BACKENDS[spec.backend].twin_of
+    """The runner whose file was traced from the same decoder (a `.pt2` program's `.pt`), if any (a baseline's
+    backend is none of ours: it has none)."""
+    backend = BACKENDS.get(spec.backend)
+    twin = None if backend is None else backend.twin_of
     return None if twin is None else RunnerSpec(twin, spec.precision, spec.device)
 
 
