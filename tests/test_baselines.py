@@ -249,6 +249,7 @@ def test_bench_measures_the_transformers_baseline_and_saves_ratios(tiny, tmp_pat
 
 
 @needs_llama_cpp
+@pytest.mark.slow
 def test_bench_measures_the_llama_cpp_baseline_on_a_gguf_model(tiny_gguf, tmp_path):
     loaded = load(str(tiny_gguf))
     root = tmp_path / "artifacts"

@@ -218,6 +218,7 @@ def test_int8_and_int4_onnx_files_hold_every_gguf_weight_exactly(mixed_gguf, tmp
 
 
 @pytest.mark.parametrize("quantizer", list(FLOAT_QUANTIZERS))
+@pytest.mark.slow
 def test_the_float_quantizer_asked_for_is_the_one_the_file_holds(tiny, tmp_path, quantizer):
     """export_bundle(float_quantizer=…) reaches the exporter (benchmarks/float_source_quantizers.py compares them
     this way): the int4 file's weights are that quantizer's grids of the float weights, bit for bit."""

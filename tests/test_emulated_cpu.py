@@ -20,6 +20,7 @@ needs_qemu = pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
 
 
 @needs_qemu
+@pytest.mark.slow
 def test_a_runner_is_judged_inside_the_emulated_avx2_cpu(tiny, tmp_path):
     export_bundle(tiny, "onnx", ["int4"], tmp_path / "artifacts")
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "emulated_cpu.py"), "--model", "random:tiny",

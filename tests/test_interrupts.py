@@ -286,6 +286,7 @@ def test_a_signal_at_any_moment_of_an_export_ends_it_by_its_exit_code(fmt, good_
     assert interrupted >= SIGNALS_PER_FORMAT / 2, (seed, dict(endings))
 
 
+@pytest.mark.slow
 def test_two_sigints_10_ms_apart_end_as_one_interruption(good_bundles, tmp_path):
     """A Ctrl-C pressed twice (or a terminal's and a script's at once): the second one comes while the first
     unwinds the export and cleans up. It must neither cut the clean-up short nor end the process by the

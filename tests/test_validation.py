@@ -507,6 +507,7 @@ def test_reexported_perturbed_model_fails_naming_the_backend(perturbed_artifacts
     assert row["verdict"] == "FAIL" and row["max_abs_logit_diff"] > 1e-3
 
 
+@pytest.mark.slow
 def test_a_loosened_threshold_is_applied(perturbed_artifacts):
     result = validate_cli(perturbed_artifacts, "--formats", "onnx", "--max-logit-diff", "1000")
     report = json.loads((perturbed_artifacts / "random-tiny" / "report" / "report.json").read_text())
