@@ -204,8 +204,8 @@ class TransformerBlock(nn.Module):
 
 
 # Rows of a 16-bit LM head widened to float32 at once: a bounded temporary instead of a float32 copy of the head,
-# and small enough (10 MiB) that the allocator reuses it: glibc hands a block over 32 MiB to mmap, which faults
-# in every page again at each call, a cost ten times the product's (BENCHMARKS.md, "The 16-bit LM head").
+# and small enough (10 MiB) that the allocator can reuse it: glibc hands a block over 32 MiB to mmap, which faults
+# in every page again at each call, at a cost many times the product's (BENCHMARKS.md, "The 16-bit LM head").
 HEAD_ROWS_PER_CHUNK = 4096
 
 

@@ -82,7 +82,7 @@ class TorchScriptDecoder(ExplicitCacheRunner):
     load = staticmethod(load_torchscript)
 
     def _step(self, input_ids: torch.Tensor, new_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        # TorchScript's optimizing executor makes a 16-bit file's decode step 3-7x slower than plain
+        # TorchScript's optimizing executor makes a 16-bit file's decode step several times slower than plain
         # interpretation of the same graph (an fp32 file's is the same either way): BENCHMARKS.md.
         with torch.jit.optimized_execution(False):
             return super()._step(input_ids, new_mask, position_ids)
