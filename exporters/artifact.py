@@ -252,9 +252,22 @@ def _clean_stale_folders(model_dir: Path, fmt: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- errors
 
-def _disk_error(error: OSError, where: Path) -> UserError | None:
-    """The user-fixable file-system failures (full, read-only, no permission) as a UserError."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+# A write can fail on a full disk without saying so: numpy's `tofile` (ONNX external data) raises
+# OSError("problem writing element …") with no errno. With less than this free on the device, that is the cause.
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the device holding `path` (or its nearest existing parent)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def _disk_error(error: OSError, where: Path, free_bytes: int | None = None) -> UserError | None:
+    """The user-fixable file-system failures (full, read-only, no permission) as a UserError; `free_bytes`: the
+    device's free space measured before the failed write's files were cleaned up (an error with no errno)."""
+    nearly_full = error.errno is None and free_bytes is not None and free_bytes < NEARLY_FULL_BYTES
+    if error.errno in (errno.ENOSPC, errno.EDQUOT) or nearly_full:
         return UserError(f"no space left on the device while writing {where}",
                          "free some disk space or use another --out")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -490,8 +503,10 @@ class BundleWriter:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, traceback: Any) -> None:
+        # Measured before the clean-up gives the half-written files' space back.
+        free = _free_bytes(self.path) if isinstance(exc, OSError) and exc.errno is None else None
         self._close()
-        if isinstance(exc, OSError) and (converted := _disk_error(exc, self.target)):
+        if isinstance(exc, OSError) and (converted := _disk_error(exc, self.target, free)):
             raise converted from exc
         if exc is None and not self._finished:
             raise RuntimeError("BundleWriter closed without finish(): nothing was published")

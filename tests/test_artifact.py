@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -332,6 +333,28 @@ def test_disk_full_while_exporting_is_a_user_error_without_leftovers(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
     assert leftovers(tmp_path) == []
     assert (load_bundle(tmp_path, "tiny", "onnx").path / "model.onnx").read_bytes() == b"graph fp32old"
+
+
+@pytest.mark.parametrize("free_bytes, names_the_disk", [(1 << 20, True), (50 << 30, False)])
+def test_a_write_error_without_errno_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch, free_bytes,
+                                                                           names_the_disk):
+    """numpy's `tofile` (ONNX external data) fails on a full disk with OSError("problem writing element …") and no
+    errno (seen in a `make all` that filled the disk): with almost no space left, the error says so; with space
+    left, the same error stays what it is."""
+    import exporters.artifact as artifact
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(artifact.shutil, "disk_usage",
+                        lambda path: real_usage(path)._replace(free=free_bytes))
+    with pytest.raises(UserError if names_the_disk else OSError) as raised:
+        with BundleWriter(tmp_path, "tiny", "onnx") as bundle:
+            (bundle.path / "model.onnx_data").write_bytes(b"partial")
+            raise OSError("problem writing element 1236992 to file")
+    if names_the_disk:
+        assert str(raised.value).startswith("no space left on the device while writing")
+    else:
+        assert type(raised.value) is OSError and "problem writing element" in str(raised.value)
+    assert leftovers(tmp_path) == []
 
 
 def test_disk_full_during_finish_is_a_user_error_without_leftovers(tmp_path, monkeypatch):
