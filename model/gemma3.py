@@ -203,9 +203,9 @@ class TransformerBlock(nn.Module):
         return x + self.post_feedforward_norm(self.feed_forward(self.pre_feedforward_norm(x)))
 
 
-# Rows of a 16-bit LM head widened to float32 at once: a bounded temporary instead of a float32 copy of the head,
-# and small enough (10 MiB) that the allocator can reuse it: glibc hands a block over 32 MiB to mmap, which faults
-# in every page again at each call, at a cost many times the product's (BENCHMARKS.md, "The 16-bit LM head").
+# Rows of a 16-bit LM head widened to float32 at once: a bounded temporary instead of a float32 copy of the head.
+# 10 MiB rather than 42: fresh pages for a temporary that large at every step cost many times the product itself
+# (BENCHMARKS.md, "The 16-bit LM head"; how much still varies with the allocator's state).
 HEAD_ROWS_PER_CHUNK = 4096
 
 
