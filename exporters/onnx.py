@@ -324,7 +324,8 @@ class FusableRMSNorm(nn.Module):
     """`RMSNorm` with the same numbers in the form onnxruntime fuses into one `SimplifiedLayerNormalization`:
     x / sqrt(mean(x²) + ε) · w, with w = 1 + weight computed once here. torch exports `rsqrt` as Sqrt →
     Reciprocal → Mul, which the fusion does not match: unfused, the real 270M's 109 norms were hundreds of small
-    ops a step and a large share of the int4 time to first token (profile in BENCHMARKS.md)."""
+    ops a step and a large share of the int4 time to first token (profile in BENCHMARKS.md). It stays here, not
+    in model/: `x / sqrt(·)` rounds differently from Hugging Face's `x * rsqrt(·)`, which model/ matches bit for bit."""
 
     def __init__(self, norm: RMSNorm) -> None:
         super().__init__()
