@@ -101,8 +101,7 @@ class StatefulAttention(nn.Module):
         super().__init__()
         config = model.config
         attention = model.layers[layer_index].attention
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (attention.q_proj, attention.k_proj,
-                                                              attention.v_proj, attention.o_proj)
+        self.qkv, self.sizes, self.o_proj = attention.qkv, attention.sizes, attention.o_proj
         self.q_norm, self.k_norm = PeakScaledRMSNorm(attention.q_norm), PeakScaledRMSNorm(attention.k_norm)
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.groups = config.num_heads // config.num_kv_heads
@@ -112,9 +111,10 @@ class StatefulAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 key_cache: tuple[torch.Tensor, ...], value_cache: tuple[torch.Tensor, ...], start: torch.Tensor
                 ) -> torch.Tensor:
-        q = self.q_proj(x).view(1, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(1, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(1, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        q = q.view(1, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(1, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(1, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
         if self.query_rescale != 1.0:

@@ -15,7 +15,8 @@ Hugging Face model repository as transformers.js and Optimum read it: `onnx/mode
   return float32: Gemma's residual stream grows past fp16's maximum (65 504) on the real 270M weights and
   RMSNorm squares it, so the residual stream, norms, attention and the KV cache stay float32. Made from the
   traced fp32 graph (`with_float16_weights`).
-- every precision: the projections that read the same input run as one (q/k/v, gate/up: `ConcatenatedLinear`).
+- every precision: the projections that read the same input run as one MatMul (q|k|v, gate|up), as in the model:
+  one kernel where there were three and two, and each int8 / int4 `MatMulNBits` rounds its input once (BENCHMARKS.md).
 - every precision: attention is `GroupedQueryAttention` (KV heads shared without copies, sliding layers
   bounded to their window), which keeps decode speed nearly flat with the past length (issue 6).
 - int8 / int4: every weight matrix as a block grid (`exporters.onnx_quantize`): `MatMulNBits` for the linear
@@ -51,7 +52,7 @@ from torch.export import Dim
 
 from model.config import Gemma3Config
 from model.errors import UserError
-from model.gemma3 import (Attention, FeedForward, Gemma3Model, RMSNorm, apply_rope, attention_mask_for,
+from model.gemma3 import (Attention, Gemma3Model, RMSNorm, apply_rope, attention_mask_for,
                           positions_from_mask)
 from model.interrupts import raise_if_interrupted
 from model.kv_cache import ConcatKVCache, ConcatLayerKVCache
@@ -59,7 +60,7 @@ from exporters.onnx_quantize import ACCURACY_LEVEL, BLOCK_SIZE, quantized_model_
 from exporters.progress import Progress, report
 from exporters.registry import check_precisions
 from exporters.signature import ExportedVariant, decoder_io, past_names, tensor_spec
-from exporters.weight_grids import FLOAT_QUANTIZER, QUANTIZED_BITS, model_grids
+from exporters.weight_grids import FLOAT_QUANTIZER, QUANTIZED_BITS, stacked_grids, tensor_grids
 from model.block_grids import BlockGrid
 
 ONNX_FOLDER = "onnx"
@@ -118,8 +119,8 @@ def export_many(model: Gemma3Model, out_dir: Path, precisions: Sequence[str], pr
         if precision in QUANTIZED_BITS:
             report(progress, "quantize")
             bits = QUANTIZED_BITS[precision]
-            grids = model_grids(model, source_grids or {}, bits, BLOCK_SIZE[bits], float_quantizer)
-            graph = quantized_model_graph(traced, model, grids)  # a new graph: `traced` stays as it was
+            grids = tensor_grids(model, source_grids or {}, bits, BLOCK_SIZE[bits], float_quantizer)
+            graph = quantized_model_graph(traced, model, stacked_grids(model, grids))  # `traced` stays as it was
         elif precision == "fp16":
             report(progress, "float16")
             graph = with_float16_weights(traced)
@@ -250,7 +251,6 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, attention: Attention) -> None:
         super().__init__()
         self.attention = attention
-        self.qkv = ConcatenatedLinear(attention.q_proj, attention.k_proj, attention.v_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 valid: torch.Tensor, cache: ConcatLayerKVCache) -> torch.Tensor:
@@ -258,7 +258,7 @@ class GroupedQueryAttention(nn.Module):
         batch, seq, _ = x.shape
         # q/k norms before the head transpose: after it, onnxruntime moves the Transpose into the norm's
         # pattern and no longer fuses it.
-        q, k, v = self.qkv(x)
+        q, k, v = attention.qkv(x).split(attention.sizes, dim=-1)
         q = attention.q_norm(q.view(batch, seq, attention.num_heads, attention.head_dim))
         k = attention.k_norm(k.view(batch, seq, attention.num_kv_heads, attention.head_dim))
         v = v.view(batch, seq, attention.num_kv_heads, attention.head_dim).transpose(1, 2)
@@ -291,35 +291,6 @@ class GroupedQueryAttention(nn.Module):
                         .reshape(batch, seq, attention.num_heads * attention.head_dim))
 
 
-class ConcatenatedLinear(nn.Module):
-    """Linear layers that read the same input, run as one: weights stacked along the outputs, one MatMul, its
-    output split. onnxruntime then runs one kernel where it ran three (q, k, v) or two (gate, up), and in the
-    8- and 4-bit files each `MatMulNBits` quantizes its input once instead of once per projection: faster
-    decode, slightly slower prefill (the Split copies the outputs; the A/B in BENCHMARKS.md). Each output column reads the same weights as before (the 4- and 8-bit blocks run along the
-    inputs), so the numbers do not change."""
-
-    def __init__(self, *linears: nn.Module) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.cat([linear.weight.detach() for linear in linears]), requires_grad=False)
-        self.sizes = [linear.weight.shape[0] for linear in linears]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight).split(self.sizes, dim=-1)
-
-
-class ConcatenatedFeedForward(nn.Module):
-    """`FeedForward` with its gate and up projections as one `ConcatenatedLinear`."""
-
-    def __init__(self, feed_forward: FeedForward) -> None:
-        super().__init__()
-        self.gate_up = ConcatenatedLinear(feed_forward.gate_proj, feed_forward.up_proj)
-        self.down_proj = feed_forward.down_proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
-
-
 class FusableRMSNorm(nn.Module):
     """`RMSNorm` with the same numbers in the form onnxruntime fuses into one `SimplifiedLayerNormalization`:
     x / sqrt(mean(x²) + ε) · w, with w = 1 + weight computed once here. torch exports `rsqrt` as Sqrt →
@@ -338,16 +309,12 @@ class FusableRMSNorm(nn.Module):
 
 
 def with_grouped_attention(model: Gemma3Model) -> Gemma3Model:
-    """A copy of `model`'s modules (sharing its weights, but for the stacked projections of `ConcatenatedLinear`)
-    whose attention is `GroupedQueryAttention`, feed-forward `ConcatenatedFeedForward` and norms
+    """A copy of `model`'s modules (sharing its weights) whose attention is `GroupedQueryAttention` and norms
     `FusableRMSNorm`."""
     shared = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
     converted = copy.deepcopy(model, memo=shared)
     for layer in converted.layers:
-        attention = layer.attention
-        layer.attention = GroupedQueryAttention(attention)
-        del attention.q_proj, attention.k_proj, attention.v_proj  # the copy's, now stacked in `qkv`: traced once
-        layer.feed_forward = ConcatenatedFeedForward(layer.feed_forward)
+        layer.attention = GroupedQueryAttention(layer.attention)
     norms = [(name, module) for name, module in converted.named_modules() if isinstance(module, RMSNorm)]
     for name, norm in norms:
         parent_name, _, child_name = name.rpartition(".")
@@ -356,7 +323,7 @@ def with_grouped_attention(model: Gemma3Model) -> Gemma3Model:
 
 
 def decoder_for(model: Gemma3Model) -> DecoderWithPast:
-    """The module that is traced: grouped attention, concatenated projections, fusable norms, tied head."""
+    """The module that is traced: grouped attention, fusable norms, tied head."""
     model = with_grouped_attention(model)
     return DecoderWithPast(model, TiedLMHead(model.embed_tokens)).eval()
 

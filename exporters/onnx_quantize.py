@@ -19,8 +19,8 @@ import numpy as np
 import onnx_ir as ir
 
 from exporters.weight_grids import EMBEDDING_BITS
-from model.block_grids import BlockGrid, stacked
-from model.gemma3 import Gemma3Model
+from model.block_grids import BlockGrid
+from model.gemma3 import Gemma3Model, stacked_parts
 from model.weights import EMBEDDING
 
 MS_DOMAIN = "com.microsoft"
@@ -31,19 +31,6 @@ ACCURACY_LEVEL = 4
 # are rounded: int8, the high-fidelity file, splits every grid into blocks of 16 (the same weights; one more
 # scale per 16); int4, the fast one, keeps blocks of 32 (or the source's own, where smaller).
 BLOCK_SIZE = {8: 16, 4: 32}
-
-
-def projection_groups(model: Gemma3Model) -> list[list[str]]:
-    """The parameters each traced linear MatMul reads, stacked by output rows (the ONNX decoder fuses q|k|v
-    and gate|up)."""
-    groups = []
-    for index in range(len(model.layers)):
-        attention, feed_forward = f"layers.{index}.attention.", f"layers.{index}.feed_forward."
-        groups += [[attention + "q_proj.weight", attention + "k_proj.weight", attention + "v_proj.weight"],
-                   [attention + "o_proj.weight"],
-                   [feed_forward + "gate_proj.weight", feed_forward + "up_proj.weight"],
-                   [feed_forward + "down_proj.weight"]]
-    return groups
 
 
 class Rewriter:
@@ -125,42 +112,49 @@ def weight_matmuls(graph: ir.Graph) -> list[ir.Node]:
     return [node for node in graph if node.op_type == "MatMul" and node.inputs[1].is_initializer()]
 
 
-def matching_group(weight: np.ndarray, groups: Mapping[tuple[int, int], list[tuple[list[str], np.ndarray]]]
-                   ) -> list[str]:
-    """The parameters whose stacked rows this MatMul weight ([K, N], the transpose) holds, bit for bit."""
-    for names, stacked_weight in groups.get(weight.shape[::-1], []):
-        if np.array_equal(stacked_weight, weight.T):
-            return names
+def matching_weight(weight: np.ndarray, weights: Mapping[tuple[int, int], list[tuple[str, np.ndarray]]]) -> str:
+    """The parameter this MatMul weight ([K, N], the transpose) holds, bit for bit."""
+    for name, parameter in weights.get(weight.shape[::-1], []):
+        if np.array_equal(parameter, weight.T):
+            return name
     raise RuntimeError(f"a {list(weight.shape)} MatMul weight of the traced graph equals no projection of the model")
 
 
 def quantized_model_graph(graph: ir.Model, model: Gemma3Model, grids: Mapping[str, BlockGrid]) -> ir.Model:
     state = {name: tensor.float().numpy() for name, tensor in model.state_dict().items() if tensor.dim() == 2}
-    return quantized_graph(graph, state, projection_groups(model), grids)
+    return quantized_graph(graph, state, grids)
 
 
-def quantized_graph(graph: ir.Model, weights: Mapping[str, np.ndarray], groups: list[list[str]],
-                    grids: Mapping[str, BlockGrid]) -> ir.Model:
+def quantized_graph(graph: ir.Model, weights: Mapping[str, np.ndarray], grids: Mapping[str, BlockGrid]
+                    ) -> ir.Model:
     """A copy of `graph` with every weight matrix replaced by its grid (the traced graph stays as it was). Each
-    MatMul weight is told apart by value: it must equal one group of `weights` stacked, bit for bit."""
+    MatMul weight is told apart by value: it must equal one of `weights` (the model's matrices but the
+    embedding), bit for bit."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(graph))
     copy.opset_imports[MS_DOMAIN] = 1
     main = copy.graph
     rewriter = Rewriter(main)
-    by_shape: dict[tuple[int, int], list[tuple[list[str], np.ndarray]]] = {}
-    for names in groups:
-        weight = np.concatenate([weights[name] for name in names])
-        by_shape.setdefault(weight.shape, []).append((names, weight))
+    by_shape: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
+    for name, weight in weights.items():
+        if name != EMBEDDING:
+            by_shape.setdefault(weight.shape, []).append((name, weight))
     for matmul in weight_matmuls(main):
         weight = matmul.inputs[1]
-        names = matching_group(weight.const_value.numpy(), by_shape)
-        grid = stacked([grids[name] for name in names])
-        name = f"{names[0].rsplit('.', 2)[0]}.{'+'.join(n.rsplit('.', 2)[1] for n in names)}"
-        packed = rewriter.constant(f"{name}/values", packed_values(grid))
-        rewriter.take_place_of(matmul, rewriter.matmul_nbits(matmul, matmul.inputs[0], grid, packed, name))
+        parameter = matching_weight(weight.const_value.numpy(), by_shape)
+        name = node_name(parameter)
+        packed = rewriter.constant(f"{name}/values", packed_values(grids[parameter]))
+        rewriter.take_place_of(matmul, rewriter.matmul_nbits(matmul, matmul.inputs[0], grids[parameter], packed,
+                                                             name))
         del main.initializers[weight.name]
     replace_embedding_and_head(rewriter, with_bits(grids[EMBEDDING], EMBEDDING_BITS), weights[EMBEDDING].shape)
     return copy
+
+
+def node_name(parameter: str) -> str:
+    """A parameter's MatMulNBits node: its module, a stacked projection named by its parts
+    (`layers.0.attention.q_proj+k_proj+v_proj`)."""
+    parts = [part.rsplit(".", 2) for part in stacked_parts(parameter)]
+    return f"{parts[0][0]}.{'+'.join(part[1] for part in parts)}"
 
 
 def replace_embedding_and_head(rewriter: Rewriter, grid: BlockGrid, shape: tuple[int, int]) -> None:

@@ -3,7 +3,8 @@
 Reads like the paper: RMSNorm scales by (1 + weight) in float32; queries and keys get their own RMSNorm before
 RoPE; sliding-window layers use RoPE base 10 000, full layers 1 000 000; the embedding is multiplied by
 sqrt(hidden_size); every block has four norms (before and after attention, before and after the feed-forward);
-the LM head is the embedding matrix.
+the LM head is the embedding matrix. The projections that read one input are stacked, q|k|v and gate|up (one
+product each); a checkpoint's tensors keep their own names (`STACKED_PROJECTIONS`, at the bottom).
 
 Precision: a model cast to bfloat16 or float16 keeps 16-bit weights, matrix products and KV cache, and does
 everything else in float32: the residual stream, every norm, RoPE, the feed-forward's GELU, the logits.
@@ -14,6 +15,8 @@ into NaN, and one run wholly in bfloat16 drifts from the reference. For a float3
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -140,9 +143,11 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.sliding_window = config.sliding_window if is_sliding else None
         self.scale = config.query_pre_attn_scalar ** -0.5
-        self.q_proj = Linear(config.hidden_size, config.num_heads * config.head_dim)
-        self.k_proj = Linear(config.hidden_size, config.num_kv_heads * config.head_dim)
-        self.v_proj = Linear(config.hidden_size, config.num_kv_heads * config.head_dim)
+        # q, k and v read the same input: one product over their stacked weights (each output column reads the same
+        # weights as in a projection of its own: the same numbers; BENCHMARKS.md, "the model's own stacked
+        # projections").
+        self.sizes = [config.num_heads * config.head_dim, *2 * [config.num_kv_heads * config.head_dim]]
+        self.qkv = Linear(config.hidden_size, sum(self.sizes))
         self.o_proj = Linear(config.num_heads * config.head_dim, config.hidden_size)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -150,12 +155,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 valid: torch.Tensor, cache: LayerKVCache | None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # Attention's products read a 16-bit cache in a 16-bit model (SDPA's CPU kernels accumulate and take the
         # softmax in float32).
-        dtype = self.k_proj.weight.dtype
+        dtype = self.qkv.weight.dtype
         q = apply_rope(self.q_norm(q), cos, sin).to(dtype)
         k = apply_rope(self.k_norm(k), cos, sin).to(dtype)
         v = v.to(dtype)
@@ -178,12 +184,13 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: Gemma3Config) -> None:
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.sizes = [config.intermediate_size] * 2
+        self.gate_up = Linear(config.hidden_size, sum(self.sizes))  # gate and up stacked, as q|k|v
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = self.gate_up(x).split(self.sizes, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class TransformerBlock(nn.Module):
@@ -305,3 +312,45 @@ def positions_from_mask(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
     """HF's rule: position = number of real tokens before this one (padding gets 0, it is masked anyway)."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)[:, -seq:]
+
+
+# ------------------------------------------------------------------------------------------ stacked projections
+# The model's projections that read one input, stacked (per layer), and the source tensors they are made of (the
+# names of model/weights.py, one per tensor of a checkpoint), in row order.
+STACKED_PROJECTIONS = {"attention.qkv": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+                       "feed_forward.gate_up": ("feed_forward.gate_proj", "feed_forward.up_proj")}
+LAYER_PARAMETER = re.compile(r"(layers\.\d+\.)(.+)\.weight")
+
+
+def stacked_parts(name: str) -> tuple[str, ...]:
+    """The source tensors one parameter of the model is made of, in row order: itself, or a stacked
+    projection's parts."""
+    match = LAYER_PARAMETER.fullmatch(name)
+    if match is None or match[2] not in STACKED_PROJECTIONS:
+        return (name,)
+    return tuple(f"{match[1]}{part}.weight" for part in STACKED_PROJECTIONS[match[2]])
+
+
+def stacked_state_dict(source: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors (model/weights.py's names) → the model's parameters, the projections stacked. A
+    layer missing a part keeps its parts apart (`load_state_dict` then names what is missing)."""
+    state = dict(source)
+    for layer in sorted({match[1] for name in source if (match := LAYER_PARAMETER.fullmatch(name))}):
+        for stacked, parts in STACKED_PROJECTIONS.items():
+            names = [f"{layer}{part}.weight" for part in parts]
+            if all(name in state for name in names):
+                state[f"{layer}{stacked}.weight"] = torch.cat([state.pop(name) for name in names])
+    return state
+
+
+def source_state_dict(model: Gemma3Model) -> dict[str, torch.Tensor]:
+    """The model's parameters under the checkpoint's names: each stacked projection split into views of its
+    parts."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        parts = stacked_parts(name)
+        if len(parts) == 1:
+            state[name] = tensor
+        else:
+            state.update(zip(parts, tensor.split(model.get_submodule(name.rsplit(".", 2)[0]).sizes)))
+    return state

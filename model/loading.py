@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from model.errors import UserError
-from model.gemma3 import Gemma3Model
+from model.gemma3 import Gemma3Model, source_state_dict, stacked_state_dict
 from model.tokenizer import GemmaTokenizer
 from model.weights import DEFAULT_MODEL, LoadedWeights, default_gguf_path, load_weights
 
@@ -43,10 +43,12 @@ def build_model(weights: LoadedWeights, device: torch.device, dtype: torch.dtype
     # Build on the meta device and adopt the loaded tensors: no second copy of 1 GB of random init.
     with torch.device("meta"):
         model = Gemma3Model(weights.config)
-    missing, unexpected = model.load_state_dict(weights.state_dict, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(stacked_state_dict(weights.state_dict), strict=False, assign=True)
     if missing or unexpected:
         raise UserError(f"weights don't match the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
                         "use a Gemma 3 checkpoint")
+    # The checkpoint's q, k, v, gate and up become views of the model's stacked copies: one copy in memory.
+    weights.state_dict.update(source_state_dict(model))
     model.init_buffers(device)  # the meta-device buffers → real ones (the cast below makes them again in float32)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -18,11 +18,12 @@ from exporters.coreml import export_many as coreml_export_many
 from exporters.coreml_grids import grids_by_weight
 from exporters.onnx import BLOCK_SIZE, MODEL_FILES, export_many
 from exporters.registry import export_bundle
-from exporters.weight_grids import FLOAT_QUANTIZERS, model_grids
+from exporters.weight_grids import FLOAT_QUANTIZERS, model_grids, stacked_grids, tensor_grids
 from model.block_grids import (GGUF_BLOCK_TYPES, BlockGrid, grid_from_gguf_blocks, least_squares_clipped,
                                round_to_nearest, stacked)
 from model.config import Gemma3Config
 from model.errors import UserError
+from model.gemma3 import source_state_dict
 from model.loading import build_model
 from model.weights import EMBEDDING, GGUF_NAMES, load_weights, parameter_shapes, source_block_grids, source_names
 from validation.mil import MILExecutor, load_program
@@ -224,8 +225,8 @@ def test_the_float_quantizer_asked_for_is_the_one_the_file_holds(tiny, tmp_path,
     this way): the int4 file's weights are that quantizer's grids of the float weights, bit for bit."""
     bundle = export_bundle(tiny, "onnx", ["int4"], tmp_path, float_quantizer=quantizer)
     rebuilt = onnx_weights(bundle.path / "onnx" / "model_q4.onnx")
-    state = tiny.model.state_dict()
-    grids = model_grids(tiny.model, {}, 4, BLOCK_SIZE[4], quantizer)
+    state = source_state_dict(tiny.model)
+    grids = tensor_grids(tiny.model, {}, 4, BLOCK_SIZE[4], quantizer)
     assert {grid.source_type for grid in grids.values()} == {quantizer}
     for name, weight in rebuilt.items():
         parts = ["embed_tokens.weight"] if name == "lm_head" else [
@@ -263,9 +264,11 @@ def coreml_grid_weights(path: Path) -> list[np.ndarray]:
             if op.op_type == "constexpr_blockwise_shift_scale"]
 
 
-def assert_package_holds_grids(path: Path, grids: dict[str, BlockGrid], chunks: int) -> None:
-    """Every weight constant of the package is its source grid: scale · (data − offset) within the fp16
-    rounding of scale, offset and product (Q4_K's minimum is a float offset); none left fp16 or re-rounded."""
+def assert_package_holds_grids(path: Path, model, source_grids: dict[str, BlockGrid], chunks: int) -> None:
+    """Every weight constant of the package is its source grid (stacked as the model stacks q|k|v and gate|up):
+    scale · (data − offset) within the fp16 rounding of scale, offset and product (Q4_K's minimum is a float
+    offset); none left fp16 or re-rounded."""
+    grids = stacked_grids(model, source_grids)
     parts = list(grids_by_weight(grids, {name: grid.weight() for name, grid in grids.items()}, EMBEDDING,
                                  chunks).values())
     rebuilt = coreml_grid_weights(path)
@@ -291,4 +294,4 @@ def test_coreml_int4_package_holds_every_gguf_weight_up_to_fp16_rounding(mixed_g
     chunks = 4
     [variant] = coreml_export_many(model, tmp_path, ["int4"], max_context=64, query_lengths=(1, 4),
                                    lm_head_chunks=chunks, source_grids=grids)
-    assert_package_holds_grids(tmp_path / variant.files[0], grids, chunks)
+    assert_package_holds_grids(tmp_path / variant.files[0], model, grids, chunks)

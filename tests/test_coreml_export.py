@@ -313,7 +313,7 @@ def test_real_fp32_equals_pytorch(real_export, real_long_prompt_ids, real_refere
 @pytest.mark.real
 def test_real_int4_package_holds_the_gguf_grids(real, real_export):
     path, _ = real_export("int4")
-    assert_package_holds_grids(path, source_block_grids(real.weights), coreml.DEFAULT_LM_HEAD_CHUNKS)
+    assert_package_holds_grids(path, real.model, source_block_grids(real.weights), coreml.DEFAULT_LM_HEAD_CHUNKS)
 
 
 @pytest.mark.real

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from model import generate
 from model.generate import Generator, Sampling
 from model.generate import generate as generate_with_result
+from model.errors import UserError
+from model.gemma3 import source_state_dict
+from model.loading import build_model
 from model.weights import save_hf_directory
 
 transformers = pytest.importorskip("transformers")
@@ -16,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 def hf_twin(loaded, tmp_path_factory):
     """transformers' Gemma3ForCausalLM holding the same weights (written and read in HF layout)."""
     folder = tmp_path_factory.mktemp("hf")
-    save_hf_directory(loaded.weights.config, loaded.model.state_dict(), folder)
+    save_hf_directory(loaded.weights.config, source_state_dict(loaded.model), folder)
     return transformers.Gemma3ForCausalLM.from_pretrained(folder, torch_dtype=torch.float32,
                                                           attn_implementation="eager").eval()
 
@@ -31,6 +36,24 @@ def long_prompt(config, length=40, seed=0):
     ids = torch.randint(10, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
     ids[0, 0] = config.bos_token_id
     return ids
+
+
+def test_the_checkpoint_tensors_are_views_of_the_models_stacked_projections(tiny):
+    """q|k|v and gate|up are stacked at load time; the checkpoint's own tensors are read back, bit for bit, as
+    views of the stacked ones (one copy in memory); a checkpoint missing one part is named, not loaded."""
+    source = source_state_dict(tiny.model)
+    assert source.keys() == tiny.weights.state_dict.keys()
+    for name, tensor in source.items():
+        assert torch.equal(tensor, tiny.weights.state_dict[name]), name
+    qkv = tiny.model.layers[1].attention.qkv.weight
+    assert qkv.shape[0] == sum(source[f"layers.1.attention.{part}_proj.weight"].shape[0] for part in "qkv")
+    value = tiny.weights.state_dict["layers.1.attention.v_proj.weight"]
+    assert value.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    partial = {name: tensor for name, tensor in tiny.weights.state_dict.items()
+               if name != "layers.2.feed_forward.up_proj.weight"}
+    with pytest.raises(UserError) as error:
+        build_model(replace(tiny.weights, state_dict=partial), torch.device("cpu"), torch.float32)
+    assert "layers.2.feed_forward.gate_up.weight" in error.value.cause
 
 
 def test_tiny_crosses_the_window(tiny):

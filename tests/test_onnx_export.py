@@ -257,7 +257,7 @@ def test_quantizing_a_tied_head_shares_one_8_bit_table_and_leaves_the_traced_gra
     traced = ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]))
     before = ir.serde.serialize_model(traced).SerializeToString()
     grid = round_to_nearest(embedding, 8, 32)
-    quantized = quantized_graph(traced, {EMBEDDING: embedding}, [], {EMBEDDING: grid})
+    quantized = quantized_graph(traced, {EMBEDDING: embedding}, {EMBEDDING: grid})
     assert ir.serde.serialize_model(traced).SerializeToString() == before
     ops = sorted(node.op_type for node in quantized.graph)
     assert ops == ["GatherBlockQuantized", "MatMulNBits", "Reshape"]  # no Transpose, no float table
@@ -276,7 +276,7 @@ def test_quantizing_a_tied_head_shares_one_8_bit_table_and_leaves_the_traced_gra
 def test_quantized_variants_use_matmulnbits_everywhere(tiny, tiny_exports):
     config = tiny.model.config
     qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-    # Per block: q/k/v as one (`ConcatenatedLinear`), o, gate/up as one, down; then the LM head. No float MatMul
+    # Per block: q|k|v as one (the model's `qkv`), o, gate|up as one, down; then the LM head. No float MatMul
     # with a weight left.
     block_widths = [qkv, config.hidden_size, 2 * config.intermediate_size, config.hidden_size]
     for precision, layer_bits in (("int8", 8), ("int4", 4)):
