@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from model.loading import load  # noqa: E402
 from validation.compare import (HELDOUT_MAX_TOKENS, HeldoutRun, Prompt, ReferenceRun, compare_runner,  # noqa: E402
-                                load_heldout, load_prompts, perplexity, reference_runs, thresholds_for)
+                                load_heldout, load_prompts, perplexity, reference_runs, runner_max_length,
+                                thresholds_for)
 from validation.runners import REFERENCE_SPEC, RunnerSpec, load_bundles, make_runner, set_thread_count  # noqa: E402
 
 MAX_NEW_TOKENS = 32  # gemma-export validate's default
@@ -91,14 +92,11 @@ def main(model_id: str, artifacts: Path, runners: tuple[str, ...], cpu: str, wor
 def native_reference(loaded, bundles) -> tuple[list[ReferenceRun], HeldoutRun]:
     prompts = load_prompts(loaded.tokenizer, loaded.model.config, MAX_NEW_TOKENS)
     heldout_ids = load_heldout(loaded.tokenizer, HELDOUT_MAX_TOKENS)
-    reference = make_runner(REFERENCE_SPEC, bundles, loaded.model, max_length=max_length(prompts, heldout_ids))
+    reference = make_runner(REFERENCE_SPEC, bundles, loaded.model,
+                            max_length=runner_max_length(prompts, heldout_ids, MAX_NEW_TOKENS))
     logits = reference.teacher_forced(heldout_ids)
     return reference_runs(reference, prompts, MAX_NEW_TOKENS), HeldoutRun(heldout_ids, logits,
                                                                          perplexity(logits, heldout_ids))
-
-
-def max_length(prompts: list[Prompt], heldout_ids: list[int]) -> int:
-    return max(max(len(prompt.ids) for prompt in prompts) + MAX_NEW_TOKENS, len(heldout_ids))
 
 
 def judge_runner(loaded, bundles, spec: RunnerSpec, reference_path: Path, work: Path, threads: int) -> None:
@@ -106,7 +104,7 @@ def judge_runner(loaded, bundles, spec: RunnerSpec, reference_path: Path, work: 
     import torch
 
     references, heldout = read_reference(reference_path)
-    length = max_length([run.prompt for run in references], heldout.ids)
+    length = runner_max_length([run.prompt for run in references], heldout.ids, MAX_NEW_TOKENS)
     runner = make_runner(spec, bundles, loaded.model, max_length=length, threads=threads)
     row = compare_runner(runner, references, heldout, thresholds_for(spec.precision, loaded.model.config))
     summary = {key: value for key, value in row.items() if key not in ("prompts", "heldout_steps")}

@@ -20,7 +20,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,11 @@ def load_heldout(tokenizer: GemmaTokenizer, max_tokens: int = HELDOUT_MAX_TOKENS
                  path: Path = HELDOUT_FILE) -> list[int]:
     """The held-out text's first `max_tokens` tokens: each runner is teacher-forced through them."""
     return tokenizer.encode(path.read_text(encoding="utf-8"))[:max_tokens]
+
+
+def runner_max_length(prompts: Sequence[Prompt], heldout_ids: Sequence[int], max_new_tokens: int) -> int:
+    """The longest sequence a compared runner is asked for: a prompt with its greedy tokens, or the held-out text."""
+    return max(max(len(prompt.ids) for prompt in prompts) + max_new_tokens, len(heldout_ids))
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -309,6 +314,14 @@ def probe_index(references: Sequence[ReferenceRun]) -> int:
     return next((index for index, run in enumerate(references) if run.prompt.crosses_window), 0)
 
 
+@dataclass
+class TwinProbes:
+    """`awaited`: the runners that a later runner is the twin of; `judged`: once one of them is judged, its row
+    and probe run, kept until its twin is checked against them."""
+    awaited: set[str] = field(default_factory=set)
+    judged: dict[str, tuple[dict[str, Any], PromptRun]] = field(default_factory=dict)
+
+
 def twin_row(judged: dict[str, Any], runner: Runner, probe: ReferenceRun) -> dict[str, Any]:
     return {**judged, "runner": runner.name, **runner.spec.to_dict(), "size_bytes": runner.size_bytes,
             "equal_to": judged["runner"],
@@ -319,23 +332,23 @@ def twin_row(judged: dict[str, Any], runner: Runner, probe: ReferenceRun) -> dic
 
 def compare_opened(open_runner: Callable[[], Runner], references: Sequence[ReferenceRun],
                    heldout: HeldoutRun, thresholds: Callable[[str], Thresholds],
-                   twins: dict[str, tuple[dict[str, Any], PromptRun]] | None = None) -> dict[str, Any]:
-    """Open one runner and compare it; the runner is garbage as soon as this returns. `twins` holds, by runner
-    name, the row and probe run of each judged runner that a later twin will be checked against."""
+                   twins: TwinProbes | None = None) -> dict[str, Any]:
+    """Open one runner and compare it; the runner is garbage as soon as this returns. A runner whose twin is in
+    `twins.judged` is first checked against it on the probe prompt."""
     runner = open_runner()
-    twins = {} if twins is None else twins
-    probe = references[probe_index(references)] if references else None
+    twins = TwinProbes() if twins is None else twins
+    index = probe_index(references)
     twin = twin_spec(runner.spec)
-    if probe is not None and twin is not None and twins.get(twin.name) is not None:
-        judged, (tokens, logits) = twins.pop(twin.name)
-        probe = replace(probe, tokens=probe.tokens[:TWIN_PROBE_STEPS])
+    if references and twin is not None and twin.name in twins.judged:
+        judged, (tokens, logits) = twins.judged.pop(twin.name)
+        probe = replace(references[index], tokens=references[index].tokens[:TWIN_PROBE_STEPS])
         own_tokens, forced = greedy_and_forced(runner, probe.prompt.ids, probe.tokens)
         if own_tokens == tokens[:len(probe.tokens)] and all(
                 np.array_equal(mine, theirs) for mine, theirs in zip(forced, logits)):
             return twin_row(judged, runner, probe)
     row, runs = compare_runner_keeping_runs(runner, references, heldout, thresholds(runner.precision))
-    if runner.name in twins:
-        twins[runner.name] = (row, runs[probe_index(references)])
+    if runner.name in twins.awaited:
+        twins.judged[runner.name] = (row, runs[index])
     return row
 
 
@@ -367,9 +380,8 @@ def compare_all(reference: Runner, open_runners: Iterable[tuple[str, dict[str, s
     judged = [(name, spec, opener, thresholds, False) for name, spec, opener in open_runners]
     # The runners that a later runner is the twin of: their probe runs are kept until the twin is checked.
     names = {name for name, _, _, _, _ in judged}
-    twins: dict[str, Any] = {twin.name: None for twin in (twin_spec(RunnerSpec.from_dict(spec))
-                                                          for _, spec, _, _, _ in judged)
-                             if twin is not None and twin.name in names}
+    twins = TwinProbes({twin.name for twin in (twin_spec(RunnerSpec.from_dict(spec)) for _, spec, _, _, _ in judged)
+                        if twin is not None and twin.name in names})
     unjudged = [(name, spec, opener, lambda precision: Thresholds(), True) for name, spec, opener in open_baselines]
     for name, spec, open_runner, floors, is_baseline in [*judged, *unjudged]:
         raise_if_interrupted()  # a Ctrl-C swallowed inside the last runtime (coremltools has bare excepts)

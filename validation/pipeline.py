@@ -21,7 +21,8 @@ from validation import report as report_files
 from validation.baselines import (BaselineFiles, baseline_model_files, baseline_spec, check_baselines,
                                   open_baseline_runner)
 from validation.bench import BenchJob, BenchSettings, bench_all
-from validation.compare import HELDOUT_MAX_TOKENS, compare_all, load_heldout, load_prompts, thresholds_for
+from validation.compare import (HELDOUT_MAX_TOKENS, compare_all, load_heldout, load_prompts, runner_max_length,
+                                thresholds_for)
 from validation.runners import (BACKENDS, FORMAT_CHOICES, IN_MEMORY_FORMAT, REFERENCE_SPEC, BundleProblem, Host,
                                 Runner, RunnerSpec, Selection, Skipped, available_specs, load_bundles, make_runner,
                                 set_thread_count)
@@ -78,8 +79,7 @@ def run_validation(loaded: LoadedModel, artifacts_root: Path, selection: Selecti
     model, config = loaded.model, loaded.model.config
     prompts = load_prompts(loaded.tokenizer, config, max_new_tokens)
     heldout = load_heldout(loaded.tokenizer, perplexity_tokens)
-    longest = max(len(prompt.ids) for prompt in prompts) + max_new_tokens
-    max_length = max(longest, len(heldout))
+    max_length = runner_max_length(prompts, heldout, max_new_tokens)
     reference = make_runner(REFERENCE_SPEC, bundles, model, max_length=max_length)
     compared = [spec for spec in specs if spec != REFERENCE_SPEC]
     with (baseline_model_files(weights) if baselines else contextlib.nullcontext()) as files, \

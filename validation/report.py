@@ -267,8 +267,13 @@ def shortened_lines(report: dict[str, Any]) -> list[str]:
             for stage in ("validate", "bench") for row in stage_rows(report, stage) if row.get("shortened")]
 
 
+def stage_piece(report: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The report's part for a stage of the command ("validate" is written under "validation")."""
+    return report.get("validation" if stage == "validate" else stage, {})
+
+
 def stage_rows(report: dict[str, Any], stage: str) -> list[dict[str, Any]]:
-    piece = report.get("validation" if stage == "validate" else stage, {})
+    piece = stage_piece(report, stage)
     return [*piece.get("runners", []), *piece.get("baselines", [])]
 
 
@@ -300,12 +305,12 @@ def timing_rows(report: dict[str, Any]) -> list[list[str]]:
     exports = report.get("timings", {}).get("exports", {})
     if exports:
         rows += part_rows("export", sum(exports.values()), exports)
-    for stage, piece in (("validate", "validation"), ("bench", "bench")):
-        found = report.get(piece, {})
-        if found.get("seconds") is not None:
-            parts = {row["runner"]: row["seconds"] for row in [*found.get("runners", []), *found.get("baselines", [])]
+    for stage in ("validate", "bench"):
+        seconds = stage_piece(report, stage).get("seconds")
+        if seconds is not None:
+            parts = {row["runner"]: row["seconds"] for row in stage_rows(report, stage)
                      if row.get("seconds") is not None}
-            rows += part_rows(stage, found["seconds"], parts)
+            rows += part_rows(stage, seconds, parts)
     total = report.get("timings", {}).get("total_seconds")
     if total is not None:
         rows.append(["all", WHOLE_COMMAND, f"{total:.0f}", ""])
