@@ -173,7 +173,7 @@ def all_command(model_id: str, revision: str | None, out_dir: Path, formats: tup
     click.echo(stage_summary(timings, validation, bench, verbose), err=True)
     finish(validation, paths, "validation")  # exits non-zero naming failing runners before bench is judged
     if bench is not None:
-        finish(bench, paths, "bench")
+        finish(bench, None, "bench")  # the report's paths are printed once, above
 
 
 def export_plan(formats: tuple[str, ...], precision_filters: tuple[str, ...]) -> dict[str, list[str]]:

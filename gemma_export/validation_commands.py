@@ -24,9 +24,11 @@ from validation.runners import (BACKENDS, COREML_COMPUTE_UNITS, FORMAT_CHOICES, 
 EXIT_VALIDATION_FAILED = 1
 
 
-def finish(outcome: Outcome, paths: dict[str, Path], what: str) -> None:
-    """Print where the report is; exit non-zero naming each failing runner, then each broken bundle."""
-    click.echo(f"report: {paths['md']}  {paths['html']}")
+def finish(outcome: Outcome, paths: dict[str, Path] | None, what: str) -> None:
+    """Print where the report is (unless `paths` is None: already printed); exit non-zero naming each failing
+    runner, then each broken bundle."""
+    if paths is not None:
+        click.echo(f"report: {paths['md']}  {paths['html']}")
     for row in [*outcome.piece["runners"], *outcome.piece.get("baselines", [])]:
         if row["runner"] in outcome.failed_runners:
             reasons = row.get("failures") or [row.get("error", "")]

@@ -118,6 +118,7 @@ def test_tiny_all_every_backend(tiny, tiny_all):
     out, result = tiny_all
     assert result.returncode == 0, result.stderr[-3000:]
     assert "time per stage:" in result.stderr and "\n  export coreml " in result.stderr
+    assert result.stdout.count("report: ") == 1, result.stdout  # validate and bench both finish; one report line
     precisions = planned_precisions(TINY_ALL_PRECISIONS)
     assert precisions == {"torchscript": ["fp32"], "onnx": ["fp32", "int4"], "coreml": ["fp32", "int4"]}
     check_bundles(out, tiny.weights.slug, precisions, tiny.weights.weight_sha256)
