@@ -39,6 +39,7 @@ FORMATS: dict[str, FormatInfo] = {
     "onnx": FormatInfo("exporters.onnx", ("fp32", "fp16", "int8", "int4"), "fp32", carries_source_grids=True),
     "coreml": FormatInfo("exporters.coreml", ("fp16", "fp32", "int8", "int4"), "fp16", ("max_context",),
                          carries_source_grids=True),
+    "executorch": FormatInfo("exporters.executorch", ("fp32",), "fp32", ("max_context",)),
 }
 
 

@@ -95,8 +95,8 @@ requantize_option = click.option(
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 @click.option("--wait", is_flag=True, help="Wait for another export into the same bundle instead of failing.")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
-              help="Core ML only: the fixed KV-cache length of the package (default 2048, up to the model's "
-                   "context, e.g. 32768).")
+              help="Core ML and ExecuTorch: the fixed KV-cache length of the package or program (default 2048, "
+                   "up to the model's context, e.g. 32768).")
 @requantize_option
 def export_command(model_id: str, revision: str | None, fmt: str, precisions: tuple[str, ...], out_dir: Path,
                    wait: bool, max_context: int | None, requantize: bool) -> None:

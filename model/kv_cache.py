@@ -57,7 +57,10 @@ class LayerKVCache(nn.Module):
         # overwrite keys that the chunk's earlier queries still need.
         attend = (torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2),
                   torch.cat([self.key_positions, positions]), torch.cat([self.key_valid, valid], dim=1))
-        keep = min(keys.shape[2], self.slots)  # only the newest `slots` tokens can ever be needed again
+        # Only the newest `slots` tokens can ever be needed again. A comparison rather than min(): an exported
+        # program whose chunk is bounded by the ring (exporters/executorch.py) resolves it at export time, where
+        # min() would stay a symbolic op in the graph.
+        keep = self.slots if keys.shape[2] > self.slots else keys.shape[2]
         kept_positions = positions[-keep:]
         slots = kept_positions % self.slots
         self.keys.index_copy_(2, slots, keys[:, :, -keep:])

@@ -33,6 +33,7 @@ from model.errors import UserError
 from model.gemma3 import Gemma3Model
 from validation.app_runtimes import genai_unavailable_reason, transformers_js_unavailable_reason
 from validation.coreml_runtime import COMPUTE_UNITS as COREML_COMPUTE_UNITS
+from validation.executorch_runtime import unavailable_reason as executorch_unavailable_reason
 
 TORCH_DEVICES = ("cpu", "cuda", "mps")
 # ONNX Runtime execution providers by their short names (the CLI takes either form).
@@ -46,7 +47,8 @@ class Backend:
     name: str
     bundle_format: str | None  # None: runs the reference model itself, no bundle needed
     variant_suffix: str  # manifest key of a variant = precision + suffix (torch.export programs: "-pt2")
-    target_kind: str  # what `RunnerSpec.device` names for it: "device", "provider", "compute units" or "runtime"
+    # What `RunnerSpec.device` names for it: "device", "provider", "compute units", "runtime" or "delegate".
+    target_kind: str
     targets: tuple[str, ...]
     # Why bench leaves it out unless asked for by name (`--backends`); None: bench measures it by default.
     untimed_reason: str | None = None
@@ -61,6 +63,8 @@ BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
     Backend("torch-export", "torchscript", "-pt2", "device", TORCH_DEVICES, twin_of="torchscript"),
     Backend("onnxruntime", "onnx", "", "provider", tuple(ONNX_PROVIDERS)),
     Backend("coreml", "coreml", "", "compute units", COREML_COMPUTE_UNITS),
+    # The ExecuTorch runtime over the .pte, its products delegated to XNNPACK (exporters/executorch.py).
+    Backend("executorch", "executorch", "", "delegate", ("xnnpack",)),
     Backend("coreml-mil", "coreml", "", "device", ("numpy",),
             untimed_reason="an interpreter checking the Core ML program's numerics (validation); its speed says "
                            "nothing about Core ML on a device: measured only with --backends coreml-mil"),
@@ -126,9 +130,10 @@ class Host:
     onnx_providers: tuple[str, ...]
     cpp_compiler: bool  # torch.compile's CPU backend (inductor) compiles C++
     mil_runner: bool  # validation/mil.py (Core ML programs run with numpy) is installed
-    # Why onnxruntime-genai / transformers.js (node) cannot run here, None when they can.
+    # Why onnxruntime-genai / transformers.js (node) / the ExecuTorch runtime cannot run here, None when they can.
     genai_missing: str | None = "not detected"
     node_missing: str | None = "not detected"
+    executorch_missing: str | None = "not detected"
 
     @classmethod
     def detect(cls) -> "Host":
@@ -137,7 +142,8 @@ class Host:
                    onnx_providers=installed_onnx_providers(),
                    cpp_compiler=any(shutil.which(name) for name in ("c++", "g++", "clang++")),
                    mil_runner=importlib.util.find_spec("validation.mil") is not None,
-                   genai_missing=genai_unavailable_reason(), node_missing=transformers_js_unavailable_reason())
+                   genai_missing=genai_unavailable_reason(), node_missing=transformers_js_unavailable_reason(),
+                   executorch_missing=executorch_unavailable_reason())
 
 
 def installed_onnx_providers() -> tuple[str, ...]:
@@ -158,6 +164,8 @@ def unavailable_reason(backend: Backend, target: str, host: Host) -> str | None:
         return host.genai_missing
     if backend.name == "transformers-js" and host.node_missing:
         return host.node_missing
+    if backend.name == "executorch" and host.executorch_missing:
+        return host.executorch_missing
     if backend.target_kind == "provider":
         provider = ONNX_PROVIDERS[target]
         if provider not in host.onnx_providers:
@@ -232,7 +240,7 @@ class Selection:
             return None if self.providers is None else tuple(provider_short_name(p) for p in self.providers)
         if backend.target_kind == "compute units":
             return self.compute_units
-        if backend.target_kind == "runtime":  # one target each: nothing to choose
+        if backend.target_kind in ("runtime", "delegate"):  # one target each: nothing to choose
             return None
         return None if backend.name == "coreml-mil" else self.devices
 
@@ -498,6 +506,11 @@ def open_transformers_js(variant: BundleVariant, spec: RunnerSpec, context: Open
     return TransformersJsDecoder(context.bundles["onnx"].path, spec.precision)
 
 
+def open_executorch(variant: BundleVariant, spec: RunnerSpec, context: OpenContext) -> Any:
+    from validation.executorch_runtime import ExecuTorchDecoder
+    return ExecuTorchDecoder(variant.files[0], context.threads)
+
+
 def onnx_weight_bytes_per_token(variant: BundleVariant) -> int:
     from validation.onnx_runtime import weight_bytes_per_token
     return weight_bytes_per_token(variant.files[0])
@@ -506,12 +519,14 @@ def onnx_weight_bytes_per_token(variant: BundleVariant) -> int:
 # Backends whose files hold more than a decode step reads; the others read their whole file per token.
 WEIGHT_BYTES_PER_TOKEN: dict[str, Callable[[BundleVariant], int]] = {
     "onnxruntime": onnx_weight_bytes_per_token, "onnxruntime-genai": onnx_weight_bytes_per_token,
-    "transformers-js": onnx_weight_bytes_per_token}
+    "transformers-js": onnx_weight_bytes_per_token,
+    "executorch": lambda variant: int(variant.options["weight_bytes_per_token"])}
 
 DECODER_OPENERS: dict[str, Callable[[BundleVariant, RunnerSpec, OpenContext], Any]] = {
     "torchscript": open_torchscript, "torch-export": open_torch_export, "onnxruntime": open_onnxruntime,
     "coreml": open_coreml, "coreml-mil": open_coreml_mil,
     "onnxruntime-genai": open_onnxruntime_genai, "transformers-js": open_transformers_js,
+    "executorch": open_executorch,
 }
 
 
