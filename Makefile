@@ -12,7 +12,7 @@ OUT ?= artifacts
 PRECISION ?=
 precision_flags = $(foreach p,$(PRECISION),--precision $(p))
 
-.PHONY: setup baseline check-avx2 test test-fast fuzz stress generate all clean bench-generate export-torchscript export-onnx export-coreml validate bench report
+.PHONY: setup baseline check-avx2 test test-fast fuzz stress generate all clean bench-generate export-torchscript export-onnx export-coreml export-executorch validate bench report
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[weights,export,test]"
+	$(PY) -m pip install -e ".[weights,export,executorch,test]"
 	# transformers.js for the transformers-js validation runner (npm, into ~/.cache/gemma-export); without
 	# Node.js or the npm registry it says so and the runner is skipped with that reason.
 	$(PY) -m validation.app_runtimes install
@@ -91,6 +91,9 @@ export-onnx: setup
 
 export-coreml: setup
 	$(CLI) export --format coreml --model "$(MODEL)" $(precision_flags) --out "$(OUT)"
+
+export-executorch: setup
+	$(CLI) export --format executorch --model "$(MODEL)" $(precision_flags) --out "$(OUT)"
 
 bench-generate: setup
 	$(PY) benchmarks/bench_generate.py --model "$(MODEL)"

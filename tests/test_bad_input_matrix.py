@@ -233,20 +233,26 @@ def modified_and_deleted(ws: Workspace) -> list[str]:
     model file deleted."""
     bundle_with(ws, "torchscript", "fp32", "model.pt", lambda path: path.write_bytes(b"A" * 4096))
     bundle_with(ws, "onnx", "fp32", "model.onnx", lambda path: path.write_bytes(b"B" * 4096))
+    bundle_with(ws, "executorch", "fp32", "model.pte", lambda path: path.write_bytes(b"C" * 4096))
     (ws.out / TINY_SLUG / "torchscript" / "model.pt").write_bytes(b"A" * 4095 + b"Z")
+    (ws.out / TINY_SLUG / "executorch" / "model.pte").write_bytes(b"C" * 4095 + b"Z")
     (ws.out / TINY_SLUG / "onnx" / "model.onnx").unlink()
-    return validate_args(ws, "torchscript", "onnx")
+    return validate_args(ws, "torchscript", "onnx", "executorch")
 
 
 def garbage_model_files(ws: Workspace) -> list[str]:
     """Bundles whose manifests vouch for garbage: an .onnx that isn't protobuf, a .mlpackage with a broken
-    Manifest.json."""
+    Manifest.json, a .pte of random bytes (the ExecuTorch runtime would abort the process on it: its identifier is
+    checked first)."""
     def garbage_mlpackage(path: Path) -> None:
         path.mkdir()
         (path / "Manifest.json").write_text("garbage", encoding="utf-8")
     bundle_with(ws, "onnx", "fp32", "model.onnx", lambda path: path.write_bytes(b"not an onnx model" * 64))
     bundle_with(ws, "coreml", "fp16", "model.mlpackage", garbage_mlpackage)
-    return validate_args(ws, "onnx", "coreml")
+    noise = torch.Generator().manual_seed(0)
+    random_bytes = torch.randint(0, 256, (8192,), dtype=torch.uint8, generator=noise).numpy().tobytes()
+    bundle_with(ws, "executorch", "fp32", "model.pte", lambda path: path.write_bytes(random_bytes))
+    return validate_args(ws, "onnx", "coreml", "executorch")
 
 
 @dataclass
@@ -298,10 +304,12 @@ CASES = [
     Case("output folder read-only", read_only_out, ("cannot write to",)),
     Case("a file where the output folder should be", file_as_out, ("is a file where a folder should be",)),
     Case("bundle file modified after export / deleted", modified_and_deleted,
-         ("model.pt was modified after export (sha256 mismatch)", "model.onnx listed in the manifest is missing")),
-    Case("a .onnx / .mlpackage that is garbage", garbage_model_files,
+         ("model.pt was modified after export (sha256 mismatch)", "model.onnx listed in the manifest is missing",
+          "model.pte was modified after export (sha256 mismatch)")),
+    Case("a .onnx / .mlpackage / .pte that is garbage", garbage_model_files,
          ("FAIL onnxruntime fp32 cpu: onnxruntime cannot load model.onnx (InvalidProtobuf",
           "FAIL coreml-mil fp16 numpy: coreml-mil cannot load model.mlpackage",
+          "FAIL executorch fp32 xnnpack: ", "model.pte is not an ExecuTorch program (no ET12 identifier at byte 4)",
           "re-export it: gemma-export export --format onnx --precision fp32"),
          last_line="validation failed for: ", exit_code=1, fix_required=False),
 ]

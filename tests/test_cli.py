@@ -70,13 +70,14 @@ def test_debug_is_the_group_option_not_any_word_of_the_command_line():
 def test_formats_and_precisions_come_from_the_one_registry():
     """exporters/registry.py's FORMATS: each exporter's per-precision table, the bundle reader, the validation
     runners and the CLI's choices and help all follow it."""
-    from exporters import artifact, coreml, onnx, torchscript
+    from exporters import artifact, coreml, executorch, onnx, torchscript
     from exporters.registry import FORMATS
     from validation.runners import BACKENDS, FORMAT_CHOICES, IN_MEMORY_FORMAT
 
     assert set(onnx.MODEL_FILES) == set(FORMATS["onnx"].precisions)
     assert set(torchscript.PRECISION_DTYPES) == set(FORMATS["torchscript"].precisions)
     assert set(coreml.PACKAGE_NAMES) == set(coreml.PRECISIONS) == set(FORMATS["coreml"].precisions)
+    assert set(executorch.PROGRAM_NAMES) == set(executorch.PRECISIONS) == set(FORMATS["executorch"].precisions)
     assert artifact.FORMATS is FORMATS and FORMAT_CHOICES == (IN_MEMORY_FORMAT, *FORMATS)
     assert {backend.bundle_format for backend in BACKENDS.values()} == {None, *FORMATS}
     help_text = " ".join(gemma_export("export", "--help").stdout.split())

@@ -26,7 +26,7 @@ from conftest import E2E_SETTINGS, REAL_ALL_PRECISIONS, REAL_HELDOUT_TOKENS, TIN
 # runs on macOS only; elsewhere the report must list it as skipped with that reason.
 LINUX_TARGETS = {"torchscript": [("torchscript", "cpu"), ("torch-export", "cpu")],
                  "onnx": [("onnxruntime", "cpu"), ("onnxruntime-genai", "cpu"), ("transformers-js", "node")],
-                 "coreml": [("coreml-mil", "numpy")]}
+                 "coreml": [("coreml-mil", "numpy")], "executorch": [("executorch", "xnnpack")]}
 # The runtimes apps embed: judged by the tiny run; the real run leaves them to test_app_runtimes.py (its own
 # loops on the same real files), where CI's time goes further.
 APP_RUNTIMES = {"onnxruntime-genai", "transformers-js"}
@@ -120,7 +120,8 @@ def test_tiny_all_every_backend(tiny, tiny_all):
     assert "time per stage:" in result.stderr and "\n  export coreml " in result.stderr
     assert result.stdout.count("report: ") == 1, result.stdout  # validate and bench both finish; one report line
     precisions = planned_precisions(TINY_ALL_PRECISIONS)
-    assert precisions == {"torchscript": ["fp32"], "onnx": ["fp32", "int4"], "coreml": ["fp32", "int4"]}
+    assert precisions == {"torchscript": ["fp32"], "onnx": ["fp32", "int4"], "coreml": ["fp32", "int4"],
+                          "executorch": ["fp32"]}
     check_bundles(out, tiny.weights.slug, precisions, tiny.weights.weight_sha256)
     report = check_report(out, tiny.weights.slug, precisions)
     fp32 = {row["runner"]: row for row in report["validation"]["runners"] if " fp32 " in f" {row['runner']} "}
