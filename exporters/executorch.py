@@ -53,6 +53,10 @@ MAX_PREFILL_CHUNK = 512
 # The cache's buffers (model/kv_cache.py's LayerKVCache). Their initial values matter (key_positions starts at
 # -1: never written), so the program initializes them from the file rather than as zero-filled planned memory.
 CACHE_BUFFERS = ("keys", "values", "key_positions", "key_valid")
+# XNNPACK partitioner configs left out of the delegate: ExecuTorch's XNNPACK GELU ignores `approximate="tanh"` and
+# computes the exact (erf) GELU, which moved the real model's logits by 0.01; Gemma's feed-forward uses the tanh
+# form, which the portable kernel computes (BENCHMARKS.md, "ExecuTorch").
+UNDELEGATED_CONFIGS = ("GeluConfig",)
 FILE_MAGIC = b"ET12"  # bytes 4..8 of a .pte (its flatbuffer's file identifier)
 # The build `make setup` installs: its native runtime is built against one torch (torch==2.13.0).
 EXECUTORCH_VERSION = "1.5.1"
@@ -115,7 +119,6 @@ def lowered_program(model: Gemma3Model, config: Gemma3Config, max_context: int, 
                     ) -> bytes:
     """torch.export of both methods → edge dialect, XNNPACK-delegated → the ExecuTorch program's bytes."""
     with quiet_native_output():
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
         from executorch.exir.passes import MemoryPlanningPass
         from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
@@ -125,7 +128,7 @@ def lowered_program(model: Gemma3Model, config: Gemma3Config, max_context: int, 
         report(progress, f"export {method}")
         programs[method] = exported_method(model, max_context, method, chunk)
     report(progress, "lower to XNNPACK")
-    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()],
+    edge = to_edge_transform_and_lower(programs, partitioner=[xnnpack_partitioner()],
                                        constant_methods=runner_metadata(config, max_context, chunk))
     del programs
     report(progress, "to ExecuTorch")
@@ -136,6 +139,16 @@ def lowered_program(model: Gemma3Model, config: Gemma3Config, max_context: int, 
         passes=[InitializedMutableBufferPass(list(CACHE_BUFFERS))], emit_mutable_buffer_names=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True)))
     return program.buffer
+
+
+def xnnpack_partitioner() -> Any:
+    """XNNPACK's partitioner with every op config it has but UNDELEGATED_CONFIGS."""
+    with quiet_native_output():
+        from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return XnnpackPartitioner(configs=[config for config in ALL_PARTITIONER_CONFIGS
+                                       if config.__name__ not in UNDELEGATED_CONFIGS])
 
 
 def exported_method(model: Gemma3Model, max_context: int, method: str, chunk: int) -> Any:
@@ -165,9 +178,11 @@ def export_options(model: Gemma3Model, max_context: int, chunk: int) -> dict[str
     from importlib.metadata import version
 
     config = model.config
-    return {"weight_bytes_per_token": model.weight_bytes_per_token, "max_context": max_context, "max_prefill_chunk": chunk, "methods": list(METHODS),
-            "delegate": "XNNPACK", "kv_cache": (f"program buffers: full layers {max_context} slots, sliding layers "
-                                                f"a ring of {min(config.sliding_window, max_context)}"),
+    ring = min(config.sliding_window, max_context)
+    return {"weight_bytes_per_token": model.weight_bytes_per_token, "max_context": max_context,
+            "max_prefill_chunk": chunk, "methods": list(METHODS), "delegate": "XNNPACK",
+            "undelegated": list(UNDELEGATED_CONFIGS),
+            "kv_cache": f"program buffers: full layers {max_context} slots, sliding layers a ring of {ring}",
             "metadata_methods": sorted(runner_metadata(config, max_context, chunk)),
             "executorch_version": version("executorch"), "torch_version": torch.__version__}
 

@@ -100,10 +100,12 @@ VALUE_BLOCK = 512
 
 def uses_decode_matmul(q: torch.Tensor, k: torch.Tensor) -> bool:
     """One query per row, eager or torch.compile'd on the CPU, against a long cache. Traced and exported graphs
-    keep SDPA: they serve prefill and decode with one graph (a symbolic or traced `seq`)."""
+    keep SDPA: most serve prefill and decode with one graph (a symbolic or traced `seq`), and a runtime that lowers
+    a decode-only graph further (ExecuTorch's XNNPACK) is proven on SDPA, not on this form."""
     seq, keys = q.shape[2], k.shape[2]
+    exported = torch.jit.is_tracing() or torch.compiler.is_exporting()
     return (q.device.type == "cpu" and type(seq) is int and seq == 1 and type(keys) is int
-            and keys >= DECODE_MATMUL_MIN_KEYS and not torch.jit.is_tracing())
+            and keys >= DECODE_MATMUL_MIN_KEYS and not exported)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float

@@ -13,7 +13,8 @@ import torch
 
 from conftest import real_bundle_path
 from exporters.artifact import load_bundle
-from exporters.executorch import ExecuTorchProgram, check_max_context, runner_metadata
+from exporters.executorch import (ExecuTorchProgram, check_max_context, quiet_native_output, runner_metadata,
+                                  xnnpack_partitioner)
 from model.errors import UserError
 from model.generate import generate
 from validation.executorch_runtime import ExecuTorchDecoder, unavailable_reason
@@ -122,6 +123,53 @@ def test_a_pte_with_the_identifier_and_garbage_after_it_is_refused_not_a_crash(t
     (tmp_path / "noise.pte").write_bytes(bytes(range(256)) * 8)
     with pytest.raises(UserError, match="noise.pte is not an ExecuTorch program"):
         ExecuTorchProgram(tmp_path / "noise.pte", threads=1)
+
+
+def lowered_gelu_difference(partitioner, tmp_path) -> float:
+    """max |Δ| between eager `gelu(x, approximate="tanh")` and the same module lowered with `partitioner` and run
+    by the ExecuTorch runtime, over x in [-6, 6]."""
+    with quiet_native_output():
+        from executorch.exir import to_edge_transform_and_lower
+        from executorch.runtime import Runtime
+
+    class TanhGelu(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.gelu(x, approximate="tanh")
+
+    x = torch.linspace(-6, 6, 4096)[None]
+    program = to_edge_transform_and_lower(torch.export.export(TanhGelu(), (x,)), partitioner=[partitioner])
+    path = tmp_path / f"gelu-{len(list(tmp_path.iterdir()))}.pte"
+    path.write_bytes(program.to_executorch().buffer)
+    with quiet_native_output():
+        output = Runtime.get().load_program(path).load_method("forward").execute([x])[0]
+    return (output - TanhGelu()(x)).abs().max().item()
+
+
+def test_the_feed_forwards_tanh_gelu_is_computed_as_tanh_gelu(tmp_path):
+    """XNNPACK's GELU (what its default partitioner delegates) is the erf form whatever `approximate` says; ours
+    leaves the op to the portable kernel, which keeps the tanh form."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    assert lowered_gelu_difference(xnnpack_partitioner(), tmp_path) <= 1e-6
+    assert lowered_gelu_difference(XnnpackPartitioner(), tmp_path) > 1e-4  # the erf form: why it is left out
+
+
+def test_the_decode_method_keeps_sdpa_past_the_decode_matmul_threshold(tiny, monkeypatch):
+    """Eager decode over ≥ DECODE_MATMUL_MIN_KEYS keys takes `decode_attention` (split-K matmuls); exported
+    programs keep SDPA (model/gemma3.py's rule). Lowered to XNNPACK, the matmul form's empty remainder block
+    gave logits 13 off at the real model's first decode step past 1024 tokens (BENCHMARKS.md, "ExecuTorch")."""
+    import model.gemma3 as gemma3
+    from exporters.executorch import exported_method
+
+    calls = []
+    monkeypatch.setattr(gemma3, "decode_attention", lambda *args: calls.append(args[1].shape[2]))
+    max_context = gemma3.DECODE_MATMUL_MIN_KEYS + 17
+    model = gemma3.Gemma3Model(tiny.model.config.replace(context_length=max_context)).eval()
+    model.load_state_dict(tiny.model.state_dict())
+    program = exported_method(model, max_context, "decode", 8)
+    assert calls == []
+    assert any(node.target == torch.ops.aten.scaled_dot_product_attention.default
+               for node in program.graph_module.graph.nodes)
 
 
 def test_a_max_context_outside_the_model_is_refused_before_lowering(tiny):
