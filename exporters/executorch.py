@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -83,6 +84,8 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp32", max_conte
            progress: Progress = None) -> ExportedVariant:
     """Lower `model` to XNNPACK and write out_dir/<PROGRAM_NAMES[precision]>, verified against the eager model."""
     check_precisions("executorch", [precision])
+    if reason := unavailable_reason():
+        raise UserError(reason, "run make setup, or pip install -e '.[executorch]' beside torch==2.13.0")
     config = model.config
     max_context = check_max_context(config, max_context)
     if next(model.parameters()).dtype != torch.float32:
@@ -98,6 +101,13 @@ def export(model: Gemma3Model, out_dir: Path, precision: str = "fp32", max_conte
     verify(model, path, max_context, chunk)
     return ExportedVariant(precision=precision, files=[path.name], io=program_io(config, chunk),
                            options=export_options(model, max_context, chunk), logits_dtype="float32")
+
+
+def unavailable_reason() -> str | None:
+    """Why ExecuTorch cannot export or run here, or None."""
+    if importlib.util.find_spec("executorch") is None:
+        return f"ExecuTorch is not installed (make setup installs executorch=={EXECUTORCH_VERSION})"
+    return None
 
 
 def check_max_context(config: Gemma3Config, max_context: int | None) -> int:

@@ -14,10 +14,10 @@ import torch
 from conftest import real_bundle_path
 from exporters.artifact import load_bundle
 from exporters.executorch import (ExecuTorchProgram, check_max_context, quiet_native_output, runner_metadata,
-                                  xnnpack_partitioner)
+                                  unavailable_reason, xnnpack_partitioner)
 from model.errors import UserError
 from model.generate import generate
-from validation.executorch_runtime import ExecuTorchDecoder, unavailable_reason
+from validation.executorch_runtime import ExecuTorchDecoder
 from validation.runners import BACKENDS, Host, unavailable_reason as backend_unavailable_reason
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -180,13 +180,19 @@ def test_a_max_context_outside_the_model_is_refused_before_lowering(tiny):
             check_max_context(tiny.model.config, bad)
 
 
-def test_without_executorch_the_runner_is_skipped_with_how_to_get_it(monkeypatch):
+def test_without_executorch_the_runner_is_skipped_and_the_export_refused_with_how_to_get_it(tiny, monkeypatch,
+                                                                                             tmp_path):
+    from exporters.executorch import export
+
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "executorch" else real_find_spec(name, *args))
     host = Host.detect()
     reason = backend_unavailable_reason(BACKENDS["executorch"], "xnnpack", host)
     assert reason == "ExecuTorch is not installed (make setup installs executorch==1.5.1)"
+    with pytest.raises(UserError, match="ExecuTorch is not installed") as refusal:
+        export(tiny.model, tmp_path)
+    assert "pip install -e '.[executorch]'" in refusal.value.fix and not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------------------------ real model

@@ -3,20 +3,12 @@ program holds and loads it): the prompt in chunks through `prefill`, then one `d
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from exporters.executorch import EXECUTORCH_VERSION, ExecuTorchProgram
-
-
-def unavailable_reason() -> str | None:
-    """Why the ExecuTorch runtime cannot run here, or None."""
-    if importlib.util.find_spec("executorch") is None:
-        return f"ExecuTorch is not installed (make setup installs executorch=={EXECUTORCH_VERSION})"
-    return None
+from exporters.executorch import ExecuTorchProgram
 
 
 class ExecuTorchDecoder:

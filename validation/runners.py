@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from exporters.artifact import Bundle, BundleVariant, load_bundle
+from exporters.executorch import unavailable_reason as executorch_unavailable_reason
 from exporters.registry import FORMATS
 from model.errors import UserError
 from model.gemma3 import Gemma3Model
 from validation.app_runtimes import genai_unavailable_reason, transformers_js_unavailable_reason
 from validation.coreml_runtime import COMPUTE_UNITS as COREML_COMPUTE_UNITS
-from validation.executorch_runtime import unavailable_reason as executorch_unavailable_reason
 
 TORCH_DEVICES = ("cpu", "cuda", "mps")
 # ONNX Runtime execution providers by their short names (the CLI takes either form).
