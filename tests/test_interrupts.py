@@ -553,3 +553,24 @@ def test_two_exports_started_at_once_publish_one_whole_bundle(tmp_path):
     assert str(out / SLUG / "onnx") in winners[-1].stdout()
     assert manifest["precisions"] == ["fp32"]
     assert leftovers(out) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's handlers from /proc")
+@pytest.mark.slow
+def test_an_executorch_export_interrupted_while_lowering_ends_by_its_exit_code(tmp_path):
+    """The lowering to XNNPACK is one long step (minutes on the real model, with no step boundary inside): a
+    Ctrl-C in it ends the export with 130 and one line at once, with no bundle and nothing left behind."""
+    out = tmp_path / "artifacts"
+    cli = export(tmp_path, "executorch", "executorch", out)
+    try:
+        wait_for_staging(cli, out, "executorch")
+        wait_until(lambda: "lower to XNNPACK" in cli.stderr_path.read_text(), cli, "it started lowering")
+        time.sleep(5)  # well inside the tiny model's lowering (~90 s)
+        sent_at = time.monotonic()
+        cli.process.send_signal(signal.SIGINT)
+        assert cli.wait() == SIGNAL_EXIT[signal.SIGINT], cli.stderr_path.read_text()[-3000:]
+        assert time.monotonic() - sent_at < 30
+        assert cli.error_lines() == [SIGNAL_MESSAGE[signal.SIGINT]]
+        assert leftovers(out) == [] and not (out / SLUG / "executorch").exists()
+    finally:
+        cli.kill()
