@@ -18,7 +18,9 @@ from exporters.executorch import (ExecuTorchProgram, check_max_context, quiet_na
 from model.errors import UserError
 from model.generate import generate
 from validation.executorch_runtime import ExecuTorchDecoder
-from validation.runners import BACKENDS, Host, unavailable_reason as backend_unavailable_reason
+from validation.runners import (BACKENDS, REFERENCE_SPEC, Host, RunnerSpec, Selection, available_specs, load_bundles,
+                                make_runner)
+from validation.runners import unavailable_reason as backend_unavailable_reason
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -65,6 +67,32 @@ def test_tiny_program_generates_what_pytorch_generates_past_the_window(tiny, tin
     tokens, logits = greedy(decoder, prompt, 24)
     assert tokens == expected.tokens[0].tolist()
     assert max_step_difference(logits, expected.step_logits) <= LOGIT_TOLERANCE
+
+
+def test_the_runner_agrees_with_the_reference_through_the_one_interface(tiny, tiny_all):
+    """validation/runners.py's `executorch fp32 xnnpack`, opened from the verified bundle like every runner (the
+    checks tests/test_validation.py makes of the others): the reference's logits and greedy tokens, twice (a
+    reset starts over), and the facts bench reads."""
+    out, _ = tiny_all
+    bundles, problems = load_bundles(out, tiny.weights.slug, ["executorch"], tiny.weights.weight_sha256)
+    assert problems == []
+    specs, skipped = available_specs(bundles, Host.detect(), Selection(formats=("executorch",)))
+    assert specs == [RunnerSpec("executorch", "fp32", "xnnpack")] and skipped == []
+    reference = make_runner(REFERENCE_SPEC, bundles, tiny.model, max_length=64)
+    runner = make_runner(specs[0], bundles, threads=1)
+    prompt = tiny.tokenizer.encode("The history of computing is a story")  # longer than the window of 8
+    assert len(prompt) > tiny.model.config.sliding_window
+    for _ in range(2):
+        expected, actual = reference.prefill(prompt), runner.prefill(prompt)
+        assert actual.dtype == np.float32 and actual.shape == (tiny.model.config.vocab_size,)
+        for _step in range(6):
+            assert np.abs(expected - actual).max() <= LOGIT_TOLERANCE
+            assert int(actual.argmax()) == int(expected.argmax())
+            token = int(expected.argmax())
+            expected, actual = reference.decode(token), runner.decode(token)
+        runner.reset()
+    assert runner.context_tokens == tiny.model.config.context_length
+    assert runner.weight_bytes_per_token == tiny.model.weight_bytes_per_token < runner.size_bytes
 
 
 def test_a_new_sequence_does_not_see_the_previous_ones_cache(tiny, tiny_program):
