@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import real_bundle_path
+from test_validation import assert_follows_the_reference
 from exporters.artifact import load_bundle
 from exporters.executorch import (ExecuTorchProgram, check_max_context, quiet_native_output, runner_metadata,
                                   unavailable_reason, xnnpack_partitioner)
@@ -78,19 +79,8 @@ def test_the_runner_agrees_with_the_reference_through_the_one_interface(tiny, ti
     assert problems == []
     specs, skipped = available_specs(bundles, Host.detect(), Selection(formats=("executorch",)))
     assert specs == [RunnerSpec("executorch", "fp32", "xnnpack")] and skipped == []
-    reference = make_runner(REFERENCE_SPEC, bundles, tiny.model, max_length=64)
     runner = make_runner(specs[0], bundles, threads=1)
-    prompt = tiny.tokenizer.encode("The history of computing is a story")  # longer than the window of 8
-    assert len(prompt) > tiny.model.config.sliding_window
-    for _ in range(2):
-        expected, actual = reference.prefill(prompt), runner.prefill(prompt)
-        assert actual.dtype == np.float32 and actual.shape == (tiny.model.config.vocab_size,)
-        for _step in range(6):
-            assert np.abs(expected - actual).max() <= LOGIT_TOLERANCE
-            assert int(actual.argmax()) == int(expected.argmax())
-            token = int(expected.argmax())
-            expected, actual = reference.decode(token), runner.decode(token)
-        runner.reset()
+    assert_follows_the_reference(tiny, runner, make_runner(REFERENCE_SPEC, bundles, tiny.model, max_length=64))
     assert runner.context_tokens == tiny.model.config.context_length
     assert runner.weight_bytes_per_token == tiny.model.weight_bytes_per_token < runner.size_bytes
 

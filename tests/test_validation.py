@@ -367,19 +367,9 @@ def test_long_prompt_crosses_the_270m_window(real):
 
 # -------------------------------------------------------------------------------------------------- runners
 
-@pytest.mark.parametrize(("backend", "target"), ALL_TARGETS, ids=[f"{b}-{t}" for b, t in ALL_TARGETS])
-def test_runners_agree_with_the_reference(tiny, artifacts, backend, target):
-    """Every runner this host can run, through the one interface: same logits, same greedy tokens, and a
-    reset (or a new prefill) starts over."""
-    bundles, problems = load_bundles(artifacts, tiny.weights.slug, ["torchscript", "onnx", "coreml"],
-                                     tiny.weights.weight_sha256)
-    specs, skipped = available_specs(bundles, Host.detect(), problems=problems)
-    spec = next((s for s in specs if (s.backend, s.device, s.precision) == (backend, target, "fp32")), None)
-    if spec is None:
-        reasons = [s.reason for s in skipped if s.runner in (backend, f"{backend} fp32 {target}")]
-        pytest.skip(reasons[0] if reasons else f"no fp32 {backend} variant")
-    reference = make_runner(REFERENCE_SPEC, bundles, tiny.model, max_length=64)
-    runner = make_runner(spec, bundles, tiny.model, max_length=64, threads=1)
+def assert_follows_the_reference(tiny, runner: Runner, reference: Runner) -> None:
+    """The runner's logits and greedy tokens are the reference's over a prompt longer than the tiny window and 6
+    decode steps, twice: a reset (or a new prefill) starts over."""
     prompt = tiny.tokenizer.encode("The history of computing is a story")  # longer than the window of 8
     assert len(prompt) > tiny.model.config.sliding_window
     for _ in range(2):
@@ -391,6 +381,21 @@ def test_runners_agree_with_the_reference(tiny, artifacts, backend, target):
             token = int(expected.argmax())
             expected, actual = reference.decode(token), runner.decode(token)
         runner.reset()
+
+
+@pytest.mark.parametrize(("backend", "target"), ALL_TARGETS, ids=[f"{b}-{t}" for b, t in ALL_TARGETS])
+def test_runners_agree_with_the_reference(tiny, artifacts, backend, target):
+    """Every runner this host can run, through the one interface: same logits, same greedy tokens, and a
+    reset (or a new prefill) starts over."""
+    bundles, problems = load_bundles(artifacts, tiny.weights.slug, ["torchscript", "onnx", "coreml"],
+                                     tiny.weights.weight_sha256)
+    specs, skipped = available_specs(bundles, Host.detect(), problems=problems)
+    spec = next((s for s in specs if (s.backend, s.device, s.precision) == (backend, target, "fp32")), None)
+    if spec is None:
+        reasons = [s.reason for s in skipped if s.runner in (backend, f"{backend} fp32 {target}")]
+        pytest.skip(reasons[0] if reasons else f"no fp32 {backend} variant")
+    runner = make_runner(spec, bundles, tiny.model, max_length=64, threads=1)
+    assert_follows_the_reference(tiny, runner, make_runner(REFERENCE_SPEC, bundles, tiny.model, max_length=64))
     assert runner.size_bytes > 0 and runner.weight_bytes_per_token > 0
 
 
