@@ -4,8 +4,11 @@ tiny-model work that `make test-fast` leaves to `make test` (every test using `t
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -98,41 +101,117 @@ def gemma_export(*args: str, env: dict[str, str] | None = None, timeout: float =
                           **options)
 
 
-def run_all_command(out, *args: str) -> subprocess.CompletedProcess:
-    """`gemma-export all` with the end-to-end settings."""
-    return gemma_export("all", "--out", str(out), *E2E_SETTINGS, *args, timeout=3600)
+class BackgroundAll:
+    """One session-wide `gemma-export all` (the `tiny_all` and `real_bundles` fixtures), started as a subprocess as
+    soon as collection shows that a selected test needs it. The tests that need neither are ordered first
+    (`pytest_collection_modifyitems`) and run while it works: the run is mostly one core's Python (tracing,
+    lowering), and the machine has two."""
+
+    def __init__(self, name: str, args: tuple[str, ...]) -> None:
+        self.out = Path(tempfile.mkdtemp(prefix=f"gemma-export-{name}-"))
+        self.log = tuple(tempfile.TemporaryFile(mode="w+", encoding="utf-8") for _ in ("stdout", "stderr"))
+        self.command = [sys.executable, "-m", "gemma_export", "all", "--out", str(self.out), *E2E_SETTINGS, *args]
+        self.process = subprocess.Popen(self.command, stdout=self.log[0], stderr=self.log[1], text=True, cwd=REPO,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.started = time.monotonic()
+        self.completed: subprocess.CompletedProcess | None = None
+
+    def result(self) -> tuple[Path, subprocess.CompletedProcess]:
+        """(artifacts root, the finished run), waiting for it the first time."""
+        if self.completed is None:
+            try:
+                returncode = self.process.wait(timeout=max(1.0, ALL_TIMEOUT_S - (time.monotonic() - self.started)))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                raise
+            stdout, stderr = (self.read(log) for log in self.log)
+            self.completed = subprocess.CompletedProcess(self.command, returncode, stdout, stderr)
+        return self.out, self.completed
+
+    @staticmethod
+    def read(log) -> str:
+        log.seek(0)
+        return log.read()
+
+    def close(self) -> None:
+        if self.process.poll() is None:  # the session ended (or was interrupted) before a test waited for it
+            self.process.kill()
+            self.process.wait()
+        for log in self.log:
+            log.close()
+        shutil.rmtree(self.out, ignore_errors=True)
+
+
+def tiny_all_args() -> tuple[str, ...]:
+    """Every format at every precision of random:tiny, validated, benched and reported."""
+    precisions = [flag for item in TINY_ALL_PRECISIONS for flag in ("--precisions", item)]
+    return "--model", "random:tiny", "--threads", "1", *precisions
+
+
+def real_all_args() -> tuple[str, ...]:
+    """The real model's fp32 and the compressed variants apps ship. --no-bench: CI judges the real numbers, not the
+    real speed (bench is covered on tiny; BENCHMARKS.md has the real speeds); it saves a fresh process per runner
+    loading the 270M weights. The app runtimes (onnxruntime-genai, transformers.js: step by step through the
+    held-out text) are judged on these files by test_app_runtimes.py's own shorter loops."""
+    from validation.runners import BACKENDS
+    precisions = [flag for item in REAL_ALL_PRECISIONS for flag in ("--precisions", item)]
+    backends = [flag for name in BACKENDS if name not in REAL_SKIPPED_BACKENDS for flag in ("--backends", name)]
+    return ("--model", "gemma-3-270m", "--no-bench", *precisions, *backends, "--perplexity-tokens",
+            REAL_HELDOUT_TOKENS)
+
+
+ALL_TIMEOUT_S = 3600
+# The session-wide runs by fixture name, in the order their tests run (last: the longest).
+BACKGROUND_RUN_ARGS = {"tiny_all": tiny_all_args, "real_bundles": real_all_args}
+BACKGROUND_RUNS: dict[str, BackgroundAll] = {}
+
+
+def background_run(name: str) -> BackgroundAll:
+    if name not in BACKGROUND_RUNS:
+        BACKGROUND_RUNS[name] = BackgroundAll(name, BACKGROUND_RUN_ARGS[name]())
+    return BACKGROUND_RUNS[name]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test on the session's tiny `gemma-export all` run waits for it (every format, precision and runner,
-    validated and benched: minutes), so it is `slow` wherever it lives."""
+    validated and benched: minutes), so it is `slow` wherever it lives. The tests on a session-wide run go last,
+    in BACKGROUND_RUN_ARGS's order (stable: each module's own order is kept), so the runs have time to work."""
+    def waits_for(item: pytest.Item) -> int:
+        names = getattr(item, "fixturenames", ())
+        return max((index + 1 for index, name in enumerate(BACKGROUND_RUN_ARGS) if name in names), default=0)
+
     for item in items:
         if "tiny_all" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=waits_for)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the session-wide runs the selected tests need (after `-m`/`-k` deselection)."""
+    if session.config.option.collectonly:
+        return
+    for name in BACKGROUND_RUN_ARGS:
+        if any(name in getattr(item, "fixturenames", ()) for item in session.items):
+            background_run(name)
+
+
+def pytest_sessionfinish() -> None:
+    for run in BACKGROUND_RUNS.values():
+        run.close()
+    BACKGROUND_RUNS.clear()
 
 
 @pytest.fixture(scope="session")
-def tiny_all(tmp_path_factory):
+def tiny_all():
     """Every format at every precision of random:tiny, validated, benched and reported: (artifacts, result)."""
-    out = tmp_path_factory.mktemp("all-tiny")
-    precisions = [flag for item in TINY_ALL_PRECISIONS for flag in ("--precisions", item)]
-    return out, run_all_command(out, "--model", "random:tiny", "--threads", "1", *precisions)
+    return background_run("tiny_all").result()
 
 
 @pytest.fixture(scope="session")
-def real_bundles(tmp_path_factory):
+def real_bundles():
     """The real model through `gemma-export all` once per session: (artifacts root, result). The per-format
     real tests run their own generate loops on these bundles' files."""
-    out = tmp_path_factory.mktemp("all-real")
-    precisions = [flag for item in REAL_ALL_PRECISIONS for flag in ("--precisions", item)]
-    # --no-bench: CI judges the real numbers, not the real speed (bench is covered on tiny; BENCHMARKS.md has
-    # the real speeds); it saves a fresh process per runner loading the 270M weights. The app runtimes
-    # (onnxruntime-genai, transformers.js: step by step through the held-out text) are judged on these files by
-    # test_app_runtimes.py's own shorter loops.
-    from validation.runners import BACKENDS
-    backends = [flag for name in BACKENDS if name not in REAL_SKIPPED_BACKENDS for flag in ("--backends", name)]
-    return out, run_all_command(out, "--model", "gemma-3-270m", "--no-bench", *precisions, *backends,
-                                "--perplexity-tokens", REAL_HELDOUT_TOKENS)
+    return background_run("real_bundles").result()
 
 
 def real_bundle_path(real_bundles, fmt: str):
