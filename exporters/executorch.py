@@ -28,7 +28,7 @@ import gc
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,6 @@ DEFAULT_MAX_CONTEXT = 2048
 # The longest prompt chunk of one prefill call: XNNPACK plans its buffers for the largest shape it may see, so
 # a bound that covers ordinary prompts in one call and not much more (and never more than a sliding layer's ring).
 MAX_PREFILL_CHUNK = 512
-# The cache's buffers (model/kv_cache.py's LayerKVCache). Their initial values matter (key_positions starts at
-# -1: never written), so the program initializes them from the file rather than as zero-filled planned memory.
-CACHE_BUFFERS = ("keys", "values", "key_positions", "key_valid")
 # XNNPACK partitioner configs left out of the delegate: ExecuTorch's XNNPACK GELU ignores `approximate="tanh"` and
 # computes the exact (erf) GELU, which moved the real model's logits by 0.01; Gemma's feed-forward uses the tanh
 # form, which the portable kernel computes (BENCHMARKS.md, "ExecuTorch").
@@ -141,14 +138,23 @@ def lowered_program(model: Gemma3Model, config: Gemma3Config, max_context: int, 
     edge = to_edge_transform_and_lower(programs, partitioner=[xnnpack_partitioner()],
                                        constant_methods=runner_metadata(config, max_context, chunk))
     del programs
+    buffer_names = mutated_buffer_names(edge.exported_program(method) for method in METHODS)
     report(progress, "to ExecuTorch")
     # Both methods read and write the same cache (share_mutable_buffers), which is allocated by the program,
     # not passed in (alloc_graph_input=False), and starts from its initial values (InitializedMutableBufferPass;
     # without it key_positions would start at 0, "written", instead of -1).
     program = edge.to_executorch(ExecutorchBackendConfig(
-        passes=[InitializedMutableBufferPass(list(CACHE_BUFFERS))], emit_mutable_buffer_names=True,
+        passes=[InitializedMutableBufferPass(buffer_names)], emit_mutable_buffer_names=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True)))
     return program.buffer
+
+
+def mutated_buffer_names(programs: Iterable[Any]) -> list[str]:
+    """The buffers functional programs (edge dialect) write: the cache's (model/kv_cache.py's LayerKVCache), by
+    their own names (the patterns InitializedMutableBufferPass looks for in each placeholder's name, e.g.
+    b_cache_layers_0_keys)."""
+    return sorted({name.rsplit(".", 1)[-1] for program in programs
+                   for name in program.graph_signature.buffers_to_mutate.values()})
 
 
 def xnnpack_partitioner() -> Any:
@@ -214,15 +220,17 @@ def verify(model: Gemma3Model, path: Path, max_context: int, chunk: int) -> None
         expected = model(ids)[0]
     program = ExecuTorchProgram(path)
     prompt = length - VERIFY_DECODE_STEPS
+
+    def check(logits: torch.Tensor, position: int) -> None:
+        difference = (logits[0] - expected[position]).abs().max().item()
+        if not difference <= VERIFY_TOLERANCE:
+            raise RuntimeError(f"{path.name} differs from PyTorch by {difference} at position {position}")
+
     for _ in range(2):
-        ends = [*range(min(chunk, prompt), prompt, chunk), prompt, *range(prompt + 1, length + 1)]
-        start = 0
-        for end in ends:
-            logits = program.run(ids[:, start:end], start)
-            difference = (logits[0] - expected[end - 1]).abs().max().item()
-            if not difference <= VERIFY_TOLERANCE:
-                raise RuntimeError(f"{path.name} differs from PyTorch by {difference} at position {end - 1}")
-            start = end
+        for end, logits in program.prefill(ids[:, :prompt]):
+            check(logits, end - 1)
+        for position in range(prompt, length):
+            check(program.run(ids[:, position:position + 1], position), position)
 
 
 VERIFY_DECODE_STEPS = 3
@@ -249,6 +257,13 @@ class ExecuTorchProgram:
 
     def constant(self, name: str) -> int:
         return int(self.program.load_method(name).execute([])[0])
+
+    def prefill(self, input_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """A new sequence ([1, n]) from position 0, in chunks of at most max_prefill_chunk tokens (the first one
+        makes the program forget any previous sequence's keys): (end of each chunk, its last token's logits)."""
+        for start in range(0, input_ids.shape[1], self.max_prefill_chunk):
+            end = min(start + self.max_prefill_chunk, input_ids.shape[1])
+            yield end, self.run(input_ids[:, start:end], start)
 
     def run(self, input_ids: torch.Tensor, position: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `input_ids` ([1, n], n ≤ max_prefill_chunk) placed at `position`."""

@@ -190,6 +190,18 @@ def test_the_decode_method_keeps_sdpa_past_the_decode_matmul_threshold(tiny, mon
                for node in program.graph_module.graph.nodes)
 
 
+def test_every_cache_buffer_starts_from_its_initial_value_in_the_program(tiny):
+    """The buffers the program writes are those InitializedMutableBufferPass initializes from the file: each of
+    the cache's (without it key_positions would start at 0, "written", instead of -1)."""
+    from exporters.executorch import exported_method, mutated_buffer_names
+    from model.kv_cache import KVCache
+
+    program = exported_method(tiny.model.eval(), 64, "decode", 8).run_decompositions({})  # functional, as edge
+    cache_buffers = {name.rsplit(".", 1)[-1] for name, _ in KVCache(tiny.model.config, 1, 64).named_buffers()}
+    assert mutated_buffer_names([program]) == sorted(cache_buffers) == ["key_positions", "key_valid", "keys",
+                                                                        "values"]
+
+
 def test_a_max_context_outside_the_model_is_refused_before_lowering(tiny):
     context = tiny.model.config.context_length
     assert check_max_context(tiny.model.config, None) == min(2048, context)

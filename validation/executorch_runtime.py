@@ -19,12 +19,9 @@ class ExecuTorchDecoder:
         self.position = 0
 
     def prefill(self, ids: np.ndarray) -> torch.Tensor:
-        """A new sequence: a chunk at position 0 makes the program forget the previous one's keys."""
         tokens = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).reshape(1, -1)
-        chunk = self.program.max_prefill_chunk
-        for start in range(0, tokens.shape[1], chunk):
-            logits = self.program.run(tokens[:, start:start + chunk], start)
-        self.position = tokens.shape[1]
+        for end, logits in self.program.prefill(tokens):
+            self.position = end
         return logits
 
     def decode(self, token: np.ndarray) -> torch.Tensor:
