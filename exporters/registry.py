@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from exporters.signature import ExportedVariant
 from model.errors import UserError
 from model.loading import LoadedModel
@@ -34,12 +36,15 @@ class FormatInfo:
 
 
 COMPRESSED_PRECISIONS = ("int8", "int4")
+# The float precisions and the dtype of a model cast to each (model/gemma3.py: 16-bit weights, products and KV
+# cache; the residual stream, norms and logits stay float32).
+PRECISION_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS: dict[str, FormatInfo] = {
     "torchscript": FormatInfo("exporters.torchscript", ("fp32", "bf16", "fp16"), "fp32"),
     "onnx": FormatInfo("exporters.onnx", ("fp32", "fp16", "int8", "int4"), "fp32", carries_source_grids=True),
     "coreml": FormatInfo("exporters.coreml", ("fp16", "fp32", "int8", "int4"), "fp16", ("max_context",),
                          carries_source_grids=True),
-    "executorch": FormatInfo("exporters.executorch", ("fp32",), "fp32", ("max_context",)),
+    "executorch": FormatInfo("exporters.executorch", ("fp32", "fp16"), "fp32", ("max_context",)),
 }
 
 

@@ -22,12 +22,11 @@ import torch.fx.experimental._config as symbolic_shapes_config
 from torch import nn
 
 from exporters.progress import Progress, report
-from exporters.registry import check_precisions
+from exporters.registry import PRECISION_DTYPES, check_precisions
 from exporters.signature import ExportedVariant, decoder_io
 from model.config import Gemma3Config
 from model.gemma3 import Gemma3Model
 
-PRECISION_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METADATA_FILE = "decoder.json"
 # Trace-time sizes, all ≥ 2 and all different, so that a size baked into the graph by mistake cannot pass
 # the verification (batch 3, seq 1 and 2, past 0 and beyond the sliding window).

@@ -68,8 +68,9 @@ def real_long_prompt_ids(real):
 REAL_ALL_PRECISIONS = ("fp32", "torchscript:fp16", "onnx:fp16", "onnx:int4", "coreml:fp16")
 REAL_HELDOUT_TOKENS = "256"
 REAL_SKIPPED_BACKENDS = ("onnxruntime-genai", "transformers-js")
-# tiny: every backend (fp32 of each format) and the 4-bit variants, whose toy-model floor the run must pass.
-TINY_ALL_PRECISIONS = ("fp32", "onnx:int4", "coreml:int4")
+# tiny: every backend (fp32 of each format), the 4-bit variants and the ExecuTorch fp16 program, whose toy-model
+# floors the run must pass.
+TINY_ALL_PRECISIONS = ("fp32", "onnx:int4", "coreml:int4", "executorch:fp16")
 E2E_SETTINGS = ("--max-new-tokens", "8", "--perplexity-tokens", "64", "--decode-tokens", "8", "--repeats", "1")
 
 

@@ -5,6 +5,7 @@ real: `real_bundles`), so no test lowers a program of its own but the refusal be
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import numpy as np
@@ -28,6 +29,8 @@ pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(una
 # fp32 against fp32: XNNPACK's GEMMs sum in another order than PyTorch's (measured: tiny 4e-5; real in
 # BENCHMARKS.md, "ExecuTorch").
 LOGIT_TOLERANCE = 1e-3
+# fp16 against the eager fp16 model: XNNPACK rounds its 16-bit products elsewhere than PyTorch (tiny: 7e-4).
+FP16_LOGIT_TOLERANCE = 5e-3
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +81,30 @@ def test_the_runner_agrees_with_the_reference_through_the_one_interface(tiny, ti
     bundles, problems = load_bundles(out, tiny.weights.slug, ["executorch"], tiny.weights.weight_sha256)
     assert problems == []
     specs, skipped = available_specs(bundles, Host.detect(), Selection(formats=("executorch",)))
-    assert specs == [RunnerSpec("executorch", "fp32", "xnnpack")] and skipped == []
-    runner = make_runner(specs[0], bundles, threads=1)
+    assert set(specs) == {RunnerSpec("executorch", precision, "xnnpack") for precision in ("fp32", "fp16")}
+    assert skipped == []
+    runner = make_runner(RunnerSpec("executorch", "fp32", "xnnpack"), bundles, threads=1)
     assert_follows_the_reference(tiny, runner, make_runner(REFERENCE_SPEC, bundles, tiny.model, max_length=64))
     assert runner.context_tokens == tiny.model.config.context_length
     assert runner.weight_bytes_per_token == tiny.model.weight_bytes_per_token < runner.size_bytes
+
+
+def test_tiny_fp16_program_generates_what_the_fp16_model_generates_past_the_window(tiny, tiny_all):
+    """`--precision fp16`: the model's 16-bit weights, products and KV cache (the rest float32) in XNNPACK's fp16
+    kernels follow the eager fp16 model, with half the fp32 program's weight bytes."""
+    out, _ = tiny_all
+    bundle = load_bundle(out, tiny.weights.slug, "executorch")
+    fp16_path, fp32_path = (bundle.variant(precision).files[0] for precision in ("fp16", "fp32"))
+    config = tiny.model.config
+    model_fp16 = copy.deepcopy(tiny.model).half()
+    prompt = prompt_ids(3 * config.sliding_window + 3, 3, config.vocab_size)
+    expected = generate(model_fp16, prompt, 24, stop_token_ids=[], return_logits=True)
+    tokens, logits = greedy(ExecuTorchDecoder(fp16_path, threads=1), prompt, 24)
+    assert tokens == expected.tokens[0].tolist()
+    assert max_step_difference(logits, expected.step_logits) <= FP16_LOGIT_TOLERANCE
+    # at least half the float32 weights' bytes saved (the rest of a file is the graph, which a toy model's are mostly)
+    assert fp32_path.stat().st_size - fp16_path.stat().st_size >= tiny.model.weight_bytes_per_token / 2
+    assert bundle.variant("fp16").options["weight_bytes_per_token"] == model_fp16.weight_bytes_per_token
 
 
 def test_a_new_sequence_does_not_see_the_previous_ones_cache(tiny, tiny_program):
