@@ -121,7 +121,7 @@ def test_tiny_all_every_backend(tiny, tiny_all):
     assert result.stdout.count("report: ") == 1, result.stdout  # validate and bench both finish; one report line
     precisions = planned_precisions(TINY_ALL_PRECISIONS)
     assert precisions == {"torchscript": ["fp32"], "onnx": ["fp32", "int4"], "coreml": ["fp32", "int4"],
-                          "executorch": ["fp32"]}
+                          "executorch": ["fp32", "fp16"]}
     check_bundles(out, tiny.weights.slug, precisions, tiny.weights.weight_sha256)
     report = check_report(out, tiny.weights.slug, precisions)
     fp32 = {row["runner"]: row for row in report["validation"]["runners"] if " fp32 " in f" {row['runner']} "}
