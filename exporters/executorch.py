@@ -83,7 +83,7 @@ class CachedDecoder(nn.Module):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits. A 16-bit program multiplies in 16 bits and widens the logits (rounded to fp16: at most
         2^-11 of each): XNNPACK has no float32 product over 16-bit weights, and the model's own head (rows widened
-        to float32 a chunk at a time) runs outside the delegate, 30× slower per token (BENCHMARKS.md)."""
+        to float32 a chunk at a time) runs outside the delegate, in portable kernels (BENCHMARKS.md)."""
         weight = self.model.embed_tokens.weight
         if weight.dtype == torch.float32:
             return self.model.lm_head(hidden)
